@@ -1,0 +1,272 @@
+"""The public functions: ``init`` and ``batchnorm``; argument checks, modes, running state."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from jbn._normalize import BatchStatistics, fold, normalize
+from jbn._stats import Batch
+
+Params = dict[str, Array]
+State = dict[str, Array]
+
+_PARAM_KEYS = ("weight", "bias")
+_STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def init(
+    num_features: int,
+    *,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    dtype=jnp.float32,
+) -> tuple[Params, State]:
+    """Parameters and state of a batch norm over ``num_features`` channels.
+
+    Args:
+      num_features: C, the number of channels.
+      affine: whether there is a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+      track_running_stats: whether there are running statistics for eval mode.
+      dtype: floating dtype of the parameters and running statistics.
+
+    Returns:
+      ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, or ``{}`` without affine.
+      ``state``: ``{"running_mean": zeros(C), "running_var": ones(C),
+      "num_batches_tracked": int32 0}``, or ``{}`` without running statistics.
+      The names are PyTorch's state_dict names.
+
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...)``.
+    """
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features must be an int, got {num_features!r}")
+    if num_features <= 0:
+        raise ValueError(f"num_features must be positive, got {num_features}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
+    params = {}
+    if affine:
+        params = {"weight": jnp.ones(num_features, dtype), "bias": jnp.zeros(num_features, dtype)}
+    state = {}
+    if track_running_stats:
+        state = {
+            "running_mean": jnp.zeros(num_features, dtype),
+            "running_var": jnp.ones(num_features, dtype),
+            "num_batches_tracked": jnp.zeros((), jnp.int32),
+        }
+    return params, state
+
+
+def batchnorm(
+    params: Params,
+    state: State,
+    x: Array,
+    training: bool,
+    *,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    mask: Array | None = None,
+    axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[Array, State]:
+    """Batch normalization, per channel, as a pure function.
+
+    .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
+
+    The statistics run over every axis of ``x`` except ``axis`` (and over every device along
+    ``axis_name``); the biased variance normalizes.
+
+    * Training, or no running statistics (``state == {}``): batch statistics normalize.
+      In training with state, ``running ← (1 − momentum)·running + momentum·batch`` with the
+      *unbiased* batch variance ``n/(n − 1)·Var[x]`` for ``running_var``, and
+      ``num_batches_tracked += 1``; ``momentum=None`` makes it the cumulative average
+      (factor ``1/num_batches_tracked``).
+    * Eval with state: the running statistics normalize, folded into one multiply-add.
+
+    The state comes back unchanged whenever it is not updated.
+
+    Args:
+      params: ``{"weight", "bias"}`` of shape (C,), or ``{}`` (no affine transform).
+      state: ``{"running_mean", "running_var"}`` of shape (C,) and an integer scalar
+        ``"num_batches_tracked"``, or ``{}`` (no running statistics).
+      x: floating array, rank ≥ 2 (rank ≥ 1 with ``axis_name``), channel at ``axis``.
+      training: Python bool (static under ``jax.jit``).
+      momentum: weight of the batch statistic in the running update, in [0, 1], or None.
+      eps: added to the variance, ≥ 0.
+      axis: the channel axis: 1 for (N, C, ...), -1 for channels-last.
+      mask: boolean, shaped like ``x`` without its channel axis, or a leading prefix of that
+        shape (``(N,)`` or ``(N, L)`` for ``(N, C, L)``). False positions enter neither the
+        statistics nor the Bessel count; their outputs are normalized all the same.
+      axis_name: name(s) of mapped axes (``jax.pmap``, ``jax.shard_map``, ``jax.vmap``)
+        whose devices or examples share the statistics (synchronized batch norm).
+      axis_index_groups: as in ``lax.psum`` (pmap): each group has its own statistics.
+
+    Returns:
+      ``y`` (shape and dtype of ``x``) and the new state.
+
+    Raises:
+      TypeError, ValueError: at trace time, for arguments of the wrong type, shape, dtype or
+        range, and when training with one value per channel.
+
+    When a mask leaves fewer than 2 valid values per channel (known only at run time), the
+    running state is left as it was for that batch and ``y`` stays finite.
+
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d`` and ``torch.nn.functional.batch_norm``
+    (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).
+    """
+    if not isinstance(training, (bool, np.bool_)):
+        hint = (" It is an array: mark it static, e.g. jax.jit(f, static_argnames='training')."
+                if isinstance(training, jax.Array) else "")
+        raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
+    x = _check_x(x, axis_name)
+    channel_axis = _check_axis(axis, x.ndim)
+    channels = x.shape[channel_axis]
+    _check_entries("params", params, _PARAM_KEYS, channels)
+    _check_entries("state", state, _STATE_KEYS, channels)
+    _check_momentum(momentum)
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a real number ≥ 0, got {eps!r}")
+    batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups))
+    devices = _devices_per_batch(batch)
+    valid = _check_mask(mask, x.shape, channel_axis)
+
+    if not training and state:
+        scale, shift = fold(params.get("weight"), params.get("bias"),
+                            state["running_mean"], state["running_var"], eps)
+        y = x * batch.per_channel(scale) + batch.per_channel(shift)
+        return y.astype(x.dtype), state
+
+    values = devices * math.prod(x.shape[i] for i in batch.reduce_axes)
+    if values <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"of shape {x.shape} over {devices} device(s)"
+                         + (" (before masking)" if mask is not None else ""))
+    y, stats = normalize(batch, float(eps), x, valid, params.get("weight"), params.get("bias"))
+    if not training or not state:
+        return y, state
+    return y, _updated_state(state, jax.lax.stop_gradient(stats), momentum)
+
+
+def _updated_state(state: State, stats: BatchStatistics, momentum: float | None) -> State:
+    num_batches = state["num_batches_tracked"] + 1
+    factor = 1 / num_batches.astype(stats.mean.dtype) if momentum is None else momentum
+    unbiased_variance = stats.variance * stats.count / (stats.count - 1)
+    # Fewer than 2 valid values (possible only with masks): nothing to learn from, and the
+    # unbiased variance would be inf or nan, so this batch leaves the state as it was.
+    learn = stats.count > 1
+
+    def updated(running, batch_value):
+        new = (1 - factor) * running + factor * batch_value
+        return jnp.where(learn, new, running).astype(running.dtype)
+
+    return {
+        "running_mean": updated(state["running_mean"], stats.mean),
+        "running_var": updated(state["running_var"], unbiased_variance),
+        "num_batches_tracked": jnp.where(learn, num_batches, state["num_batches_tracked"]),
+    }
+
+
+def _check_x(x, axis_name) -> Array:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
+    least = 1 if axis_name is not None else 2
+    if x.ndim < least:
+        raise ValueError(
+            f"x must have rank ≥ 2 (batch and channel axes), got shape {x.shape}; a rank-1 x "
+            "(one example of C channels) needs axis_name naming the mapped batch axis"
+            if least == 2 else f"x must have rank ≥ 1, got shape {x.shape}")
+    return jnp.asarray(x)
+
+
+def _check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for x of rank {ndim}")
+    return int(axis) % ndim
+
+
+def _check_entries(name: str, entries, keys: tuple[str, ...], channels: int) -> None:
+    if not isinstance(entries, Mapping):
+        raise TypeError(f"{name} must be a dict, got {type(entries).__name__}")
+    if not entries:
+        return
+    if set(entries) != set(keys):
+        missing = sorted(set(keys) - set(entries))
+        extra = sorted(set(entries) - set(keys))
+        raise ValueError(f"{name} must have keys {list(keys)} (or be empty); "
+                         f"missing {missing}, unexpected {extra}")
+    for key in keys:
+        value = entries[key]
+        expected_shape = () if key == "num_batches_tracked" else (channels,)
+        kind = jnp.integer if key == "num_batches_tracked" else jnp.floating
+        shape, dtype = jnp.shape(value), jnp.result_type(value)
+        if shape != expected_shape or not jnp.issubdtype(dtype, kind):
+            raise ValueError(
+                f"{name}[{key!r}] must have shape {expected_shape} and a "
+                f"{kind.__name__} dtype (x has {channels} channels), got shape {shape} {dtype}")
+
+
+def _check_momentum(momentum) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+
+
+def _check_groups(groups) -> tuple[tuple[int, ...], ...] | None:
+    if groups is None:
+        return None
+    return tuple(tuple(int(i) for i in group) for group in groups)
+
+
+def _check_mask(mask, shape: tuple[int, ...], channel_axis: int) -> Array | None:
+    """The mask, reshaped to broadcast against x (size 1 on the channel axis and on the
+    trailing axes it does not cover)."""
+    if mask is None:
+        return None
+    if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    others = [i for i in range(len(shape)) if i != channel_axis]
+    expected = tuple(shape[i] for i in others)
+    if mask.shape != expected[: mask.ndim]:
+        prefixes = " or ".join(str(expected[:k]) for k in range(len(expected), 0, -1))
+        raise ValueError(f"mask must have the shape of x {shape} without its channel axis, "
+                         f"or a leading prefix of it: {prefixes}; got {mask.shape}")
+    broadcast = [1] * len(shape)
+    for i, size in zip(others, mask.shape):
+        broadcast[i] = size
+    return jnp.reshape(mask, broadcast)
+
+
+def _devices_per_batch(batch: Batch) -> int:
+    """How many devices (or mapped examples) share the statistics; checks the axes are bound."""
+    devices = 1
+    for name in _axis_names(batch.axis_name):
+        try:
+            devices *= lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"axis_name {name!r} is not bound: call batchnorm inside jax.pmap, "
+                f"jax.shard_map or jax.vmap that names the axis {name!r}") from None
+    if batch.axis_index_groups is not None:
+        devices = len(batch.axis_index_groups[0])
+    return devices
+
+
+def _axis_names(axis_name) -> tuple:
+    if axis_name is None:
+        return ()
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)

@@ -1,0 +1,134 @@
+"""The normalization with batch statistics, and its derivative rule.
+
+.. math::
+
+    \\hat x = (x - \\mu)\\, r, \\qquad r = (\\sigma^2 + \\epsilon)^{-1/2}, \\qquad
+    y = w\\, \\hat x + b,
+
+with :math:`\\mu, \\sigma^2` the mean and biased variance of the valid values of ``x``
+(``_stats.moments``). Differentiating through the statistics, with :math:`N` the number of
+valid values and :math:`\\langle v\\rangle = \\frac1N \\sum_{\\text{valid}} v` their mean,
+
+.. math::
+
+    \\dot\\mu = \\langle \\dot x\\rangle, \\qquad
+    \\dot{\\sigma^2} = \\tfrac{2}{r} \\langle \\hat x \\dot x\\rangle, \\qquad
+    \\dot y = w\\, r\\, (\\dot x - \\langle \\dot x\\rangle
+              - \\hat x\\, \\langle \\hat x \\dot x\\rangle) + \\dot w\\, \\hat x + \\dot b .
+
+The rule is a JVP (``jax.custom_jvp``), so forward mode and higher orders keep working and
+JAX derives the backward pass by transposing it: two per-channel sums (one all-reduce across
+devices, the transpose of the one here) and one elementwise pass. The tangent map is
+rematerialized (``jax.checkpoint``), so reverse mode keeps ``x`` and per-channel vectors,
+not :math:`\\hat x` in float32 nor the intermediates of the textbook formula.
+
+Masked-out positions do not enter :math:`\\mu, \\sigma^2`, so their ``x`` receives only the
+direct term :math:`w\\, r\\, \\dot x`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from jbn._stats import Batch, Moments, compute_dtype, moments
+
+
+class BatchStatistics(NamedTuple):
+    """What the running state needs of a batch: its count, mean and biased variance."""
+
+    count: Array
+    mean: Array
+    variance: Array
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def normalize(
+    batch: Batch,
+    eps: float,
+    x: Array,
+    valid: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+) -> tuple[Array, BatchStatistics]:
+    """Batch-normalizes ``x`` with the statistics of its own valid values.
+
+    Args:
+      batch: the axes and devices the statistics run over.
+      eps: added to the variance.
+      x: the input, channel at ``batch.channel_axis``.
+      valid: None or a boolean array broadcastable to ``x`` (size 1 on the channel axis).
+      weight, bias: (C,) affine parameters, or both None.
+
+    Returns:
+      ``y`` in ``x.dtype``, and the batch statistics in at least float32.
+    """
+    y, m, _ = _forward(batch, eps, x, valid, weight, bias)
+    return y, _statistics(m)
+
+
+def _forward(batch, eps, x, valid, weight, bias):
+    m = moments(x, valid, batch)
+    inv_std = lax.rsqrt(m.variance + eps)
+    xhat = _standardized(batch, x, m, inv_std)
+    return _affine(batch, xhat, weight, bias).astype(x.dtype), m, inv_std
+
+
+def _standardized(batch: Batch, x: Array, m: Moments, inv_std: Array) -> Array:
+    # (x − shift) is exact for data near the shift; subtracting the small mean_offset
+    # afterwards keeps the mean finer than the input precision.
+    centered = x.astype(m.shift.dtype) - batch.per_channel(m.shift)
+    return (centered - batch.per_channel(m.mean_offset)) * batch.per_channel(inv_std)
+
+
+def _affine(batch: Batch, xhat: Array, weight: Array | None, bias: Array | None) -> Array:
+    if weight is None:
+        return xhat
+    return xhat * batch.per_channel(weight) + batch.per_channel(bias)
+
+
+def _statistics(m: Moments) -> BatchStatistics:
+    return BatchStatistics(m.count, m.mean, m.variance)
+
+
+@normalize.defjvp
+def _normalize_jvp(batch, eps, primals, tangents):
+    x, valid, weight, bias = primals
+    dx, _, dweight, dbias = tangents
+    y, m, inv_std = _forward(batch, eps, x, valid, weight, bias)
+
+    @jax.checkpoint
+    def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
+        xhat = _standardized(batch, x, m, inv_std)
+        dx = dx.astype(xhat.dtype)
+        # ⟨ẋ⟩ and ⟨x̂ ẋ⟩ over the whole batch: one all-reduce.
+        sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(xhat * dx, valid)]))
+        mean_dx, mean_xhat_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
+        dxhat = batch.per_channel(inv_std) * (
+            dx - batch.per_channel(mean_dx) - xhat * batch.per_channel(mean_xhat_dx)
+        )
+        if weight is None:
+            dy = dxhat
+        else:
+            dy = (dxhat * batch.per_channel(weight) + xhat * batch.per_channel(dweight)
+                  + batch.per_channel(dbias))
+        dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
+        return dy.astype(x.dtype), dstats
+
+    dy, dstats = tangent_map(x, m, inv_std, weight, dx, dweight, dbias)
+    return (y, _statistics(m)), (dy, dstats)
+
+
+def fold(weight: Array | None, bias: Array | None, mean: Array, var: Array, eps: float):
+    """Eval-mode batch norm as one multiply-add: ``y = x·scale + shift`` with
+    ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine)."""
+    dtype = compute_dtype(mean.dtype)
+    scale = lax.rsqrt(var.astype(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
