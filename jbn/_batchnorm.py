@@ -12,7 +12,7 @@ import numpy as np
 from jax import Array, lax
 
 from jbn._normalize import BatchStatistics, fold, normalize
-from jbn._stats import Batch
+from jbn._stats import Batch, compute_dtype
 
 Params = dict[str, Array]
 State = dict[str, Array]
@@ -138,8 +138,11 @@ def batchnorm(
     valid = _check_mask(mask, x.shape, channel_axis)
 
     if not training and state:
+        # Fold in the finer of x's and the state's precisions (float64 x, float32 state).
+        dtype = compute_dtype(jnp.promote_types(x.dtype, state["running_mean"].dtype))
         scale, shift = fold(params.get("weight"), params.get("bias"),
-                            state["running_mean"], state["running_var"], eps)
+                            state["running_mean"].astype(dtype),
+                            state["running_var"].astype(dtype), eps)
         y = x * batch.per_channel(scale) + batch.per_channel(shift)
         return y.astype(x.dtype), state
 

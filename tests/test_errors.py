@@ -1,0 +1,99 @@
+"""Bad input is refused at trace time with an error naming the argument and what was seen."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jbn
+
+PARAMS, STATE = jbn.init(3)
+X = jnp.ones((4, 3, 5))
+
+
+def call(params=PARAMS, state=STATE, x=X, training=True, **kwargs):
+    return jbn.batchnorm(params, state, x, training, **kwargs)
+
+
+BAD_CALLS = {
+    "channel count differs from params": (
+        dict(x=jnp.ones((4, 5, 2))), ValueError, r"params\['weight'\].*shape \(5,\).*got shape \(3,\)"),
+    "channel count differs from state": (
+        dict(params={}, x=jnp.ones((4, 5, 2))), ValueError, r"state\['running_mean'\].*\(5,\)"),
+    "rank 1 without axis_name": (
+        dict(x=jnp.ones(3)), ValueError, r"rank ≥ 2.*\(3,\).*axis_name"),
+    "integer x": (dict(x=jnp.ones((4, 3), jnp.int32)), TypeError, r"x must be a floating.*int32"),
+    "x not an array": (dict(x=[[1.0, 2.0, 3.0]]), TypeError, r"x must be an array.*list"),
+    "momentum above 1": (dict(momentum=1.5), ValueError, r"momentum.*\[0, 1\].*1\.5"),
+    "momentum below 0": (dict(momentum=-0.1), ValueError, r"momentum.*-0\.1"),
+    "momentum a string": (dict(momentum="0.1"), TypeError, r"momentum.*'0\.1'"),
+    "negative eps": (dict(eps=-1e-5), ValueError, r"eps.*≥ 0.*-1e-05"),
+    "nan eps": (dict(eps=float("nan")), ValueError, r"eps.*nan"),
+    "params missing bias": (
+        dict(params={"weight": jnp.ones(3)}), ValueError, r"params.*missing \['bias'\]"),
+    "params with extra key": (
+        dict(params={**PARAMS, "scale": jnp.ones(3)}), ValueError, r"params.*unexpected \['scale'\]"),
+    "state missing count": (
+        dict(state={"running_mean": jnp.zeros(3), "running_var": jnp.ones(3)}), ValueError,
+        r"state.*missing \['num_batches_tracked'\]"),
+    "params not a dict": (dict(params=[jnp.ones(3)]), TypeError, r"params must be a dict.*list"),
+    "integer weight": (
+        dict(params={"weight": jnp.ones(3, jnp.int32), "bias": jnp.zeros(3)}), ValueError,
+        r"params\['weight'\].*floating.*int32"),
+    "2-D running_var": (
+        dict(state={**STATE, "running_var": jnp.ones((3, 1))}), ValueError,
+        r"state\['running_var'\].*\(3,\).*\(3, 1\)"),
+    "float batch count": (
+        dict(state={**STATE, "num_batches_tracked": jnp.zeros(())}), ValueError,
+        r"state\['num_batches_tracked'\].*integer.*float"),
+    "axis out of range": (dict(axis=3), ValueError, r"axis 3 is out of range.*rank 3"),
+    "axis not an int": (dict(axis=1.0), TypeError, r"axis must be an int.*1\.0"),
+    "training an array": (dict(training=jnp.asarray(True)), TypeError, r"training.*static"),
+    "training a string": (dict(training="yes"), TypeError, r"training must be a Python bool.*str"),
+    "mask of floats": (dict(mask=jnp.ones(4)), TypeError, r"mask must be a boolean.*float"),
+    "mask of wrong shape": (
+        dict(mask=jnp.ones((4, 3), bool)), ValueError, r"mask.*\(4, 5\) or \(4,\).*got \(4, 3\)"),
+    "mask with the channel axis": (
+        dict(mask=jnp.ones((4, 3, 5), bool)), ValueError, r"mask.*got \(4, 3, 5\)"),
+    "one value per channel in training": (
+        dict(x=jnp.ones((1, 3))), ValueError, r"Expected more than 1 value per channel"),
+    "one value per channel without running stats": (
+        dict(state={}, training=False, x=jnp.ones((1, 3))), ValueError,
+        r"Expected more than 1 value per channel"),
+    "unbound axis_name": (dict(axis_name="batch"), ValueError, r"axis_name 'batch' is not bound"),
+}
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_input_is_refused_with_a_clear_error(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        call(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_input_is_refused_at_trace_time_under_jit(kwargs, error, message):
+    arrays = {k: v for k, v in kwargs.items() if k in ("params", "state", "x", "mask")}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    if "training" in static and not isinstance(static["training"], (bool, str)):
+        arrays["training"] = static.pop("training")
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        pytest.skip("unhashable static argument")
+    with pytest.raises(error, match=message):
+        jax.jit(lambda arrays: call(**arrays, **static))(arrays)
+
+
+def test_num_features_must_be_positive_int():
+    with pytest.raises(ValueError, match=r"num_features must be positive, got 0"):
+        jbn.init(0)
+    with pytest.raises(TypeError, match=r"num_features must be an int, got 3\.0"):
+        jbn.init(3.0)
+    with pytest.raises(TypeError, match=re.escape("dtype must be a floating dtype, got int32")):
+        jbn.init(3, dtype=jnp.int32)
+
+
+def test_one_value_per_channel_is_fine_in_eval_with_running_statistics():
+    y, state = call(x=jnp.ones((1, 3)), training=False)
+    assert y.shape == (1, 3) and state is STATE
