@@ -249,7 +249,7 @@ def _check_mask(mask, shape: tuple[int, ...], channel_axis: int) -> Array | None
         raise ValueError(f"mask must have the shape of x {shape} without its channel axis, "
                          f"or a leading prefix of it: {prefixes}; got {mask.shape}")
     broadcast = [1] * len(shape)
-    for i, size in zip(others, mask.shape):
+    for i, size in zip(others[: mask.ndim], mask.shape, strict=True):
         broadcast[i] = size
     return jnp.reshape(mask, broadcast)
 

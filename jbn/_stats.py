@@ -32,8 +32,10 @@ import math
 from collections.abc import Hashable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +158,19 @@ def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> 
 
 def _first_valid_value(x: Array, valid: Array | None, batch: Batch) -> Array:
     """x at the first valid position of the reduced axes, per channel: (C,)."""
-    if valid is None:
-        position = [0] * x.ndim
-    else:
-        flat = jnp.argmax(valid.reshape(-1))
-        position = list(jnp.unravel_index(flat, valid.shape))
-    position[batch.channel_axis] = slice(None)
-    return x[tuple(position)]
+
+    def pick(x, valid):
+        if valid is None:
+            position = [0] * x.ndim
+        else:
+            position = list(jnp.unravel_index(jnp.argmax(valid.reshape(-1)), valid.shape))
+        position[batch.channel_axis] = slice(None)
+        return x[tuple(position)]
+
+    spec = jax.typeof(x).sharding.spec
+    if any(i < len(spec) and spec[i] is not None for i in batch.reduce_axes):
+        # Sharding in types (explicit mesh axes) has no rule for indexing into a sharded
+        # axis; with the axes automatic, XLA picks the value on its device and broadcasts it.
+        channel_spec = spec[batch.channel_axis] if batch.channel_axis < len(spec) else None
+        pick = jax.sharding.auto_axes(pick, out_sharding=P(channel_spec))
+    return pick(x, valid)

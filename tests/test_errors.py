@@ -18,7 +18,8 @@ def call(params=PARAMS, state=STATE, x=X, training=True, **kwargs):
 
 BAD_CALLS = {
     "channel count differs from params": (
-        dict(x=jnp.ones((4, 5, 2))), ValueError, r"params\['weight'\].*shape \(5,\).*got shape \(3,\)"),
+        dict(x=jnp.ones((4, 5, 2))), ValueError,
+        r"params\['weight'\].*shape \(5,\).*got shape \(3,\)"),
     "channel count differs from state": (
         dict(params={}, x=jnp.ones((4, 5, 2))), ValueError, r"state\['running_mean'\].*\(5,\)"),
     "rank 1 without axis_name": (
@@ -33,7 +34,8 @@ BAD_CALLS = {
     "params missing bias": (
         dict(params={"weight": jnp.ones(3)}), ValueError, r"params.*missing \['bias'\]"),
     "params with extra key": (
-        dict(params={**PARAMS, "scale": jnp.ones(3)}), ValueError, r"params.*unexpected \['scale'\]"),
+        dict(params={**PARAMS, "scale": jnp.ones(3)}), ValueError,
+        r"params.*unexpected \['scale'\]"),
     "state missing count": (
         dict(state={"running_mean": jnp.zeros(3), "running_var": jnp.ones(3)}), ValueError,
         r"state.*missing \['num_batches_tracked'\]"),

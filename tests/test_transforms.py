@@ -20,6 +20,15 @@ STATE = {"running_mean": jnp.asarray(RNG.normal(size=3)),
          "num_batches_tracked": jnp.asarray(2, jnp.int32)}
 
 
+def index(tree, i):
+    """Member i of a pytree of stacked arrays."""
+    return jax.tree.map(lambda v: v[i], tree)
+
+
+def assert_trees_close(a, b, rtol=1e-7):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol), a, b)
+
+
 def loss(x, params, training, mask=None, state=STATE):
     """A scalar that depends on y nonlinearly, so second derivatives are non-trivial."""
     y, _ = jbn.batchnorm(params, state, x, training, mask=mask)
@@ -32,7 +41,7 @@ def test_jit_with_static_training_equals_eager():
         channels_last = jnp.moveaxis(X, 1, -1)
         jitted = f(PARAMS, STATE, channels_last, training, momentum=None, axis=-1)
         eager = jbn.batchnorm(PARAMS, STATE, channels_last, training, momentum=None, axis=-1)
-        jax.tree.map(np.testing.assert_allclose, jitted, eager)
+        assert_trees_close(jitted, eager)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -93,18 +102,17 @@ def test_vmap_over_an_ensemble_equals_each_member():
     ys, new_states = jax.vmap(f)(params, states, xs)
     grads = jax.vmap(jax.grad(loss), in_axes=(0, 0, None))(xs, params, True)
     for i in range(members):
-        member = jax.tree.map(lambda v: v[i], params)
+        member = index(params, i)
         y, state = f(member, STATE, xs[i])
         np.testing.assert_allclose(ys[i], y, rtol=1e-12)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b), new_states, state)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-10),
-                     grads, jax.grad(loss)(xs[i], member, True))
+        assert_trees_close(index(new_states, i), state)
+        assert_trees_close(index(grads, i), jax.grad(loss)(xs[i], member, True), rtol=1e-10)
 
 
 def test_checkpoint_gives_the_same_gradients():
     g = jax.grad(loss, argnums=(0, 1))(X, PARAMS, True, MASK)
     remat = jax.checkpoint(loss, static_argnums=(2,))
-    jax.tree.map(np.testing.assert_allclose, jax.grad(remat, argnums=(0, 1))(X, PARAMS, True, MASK), g)
+    assert_trees_close(jax.grad(remat, argnums=(0, 1))(X, PARAMS, True, MASK), g)
 
 
 def test_scan_over_a_stack_of_layers_equals_a_python_loop():
@@ -125,7 +133,7 @@ def test_scan_over_a_stack_of_layers_equals_a_python_loop():
     def looped(x, params):
         out = []
         for i in range(layers):
-            x, state = step(x, jax.tree.map(lambda v: v[i], (params, states)))
+            x, state = step(x, index((params, states), i))
             out.append(state)
         return jnp.sum(x ** 2), out
 
@@ -133,9 +141,8 @@ def test_scan_over_a_stack_of_layers_equals_a_python_loop():
         looped, argnums=(0, 1), has_aux=True)(X, params)
     np.testing.assert_allclose(value, expected, rtol=1e-12)
     for i in range(layers):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b), new_states,
-                     expected_states[i])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads, expected_grads)
+        assert_trees_close(index(new_states, i), expected_states[i])
+    assert_trees_close(grads, expected_grads, rtol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])

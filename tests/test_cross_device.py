@@ -1,0 +1,249 @@
+"""Synchronized statistics: every way of splitting a batch over devices equals the
+single-device call on the whole batch (outputs, running state, gradients)."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jbn
+import reference
+
+DEVICES = 8
+C, L = 3, 5
+RNG = np.random.default_rng(0)
+X = jnp.asarray(RNG.normal(1.5, 2.0, (DEVICES * 4, C, L)))
+PARAMS = {"weight": jnp.asarray(RNG.normal(1, 0.3, C)), "bias": jnp.asarray(RNG.normal(0, 0.3, C))}
+STATE = {"running_mean": jnp.asarray(RNG.normal(size=C)),
+         "running_var": jnp.asarray(RNG.uniform(0.5, 2, C)),
+         "num_batches_tracked": jnp.asarray(4, jnp.int32)}
+# Uneven shards: device 2 holds no valid example, device 5 one, the others from 2 to 4.
+UNEVEN = jnp.asarray(np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0],
+                               [0, 1, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]],
+                              bool).reshape(-1))
+MASKS = {"unmasked": None, "uneven": UNEVEN}
+CLOSE = dict(rtol=1e-12, atol=1e-12)
+
+
+def whole_batch(x=X, mask=None, training=True, momentum=0.1):
+    return jbn.batchnorm(PARAMS, STATE, x, training, mask=mask, momentum=momentum)
+
+
+def index(tree, i):
+    """Device i's copy of a pytree of per-device arrays."""
+    return jax.tree.map(lambda v: v[i], tree)
+
+
+def assert_matches(result, expected):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **CLOSE), result, expected)
+
+
+def mesh(shape, names):
+    return jax.make_mesh(shape, names, devices=jax.devices()[: np.prod(shape)])
+
+
+def sharded(names, mesh_shape=(DEVICES,), mask=None, **kwargs):
+    """jitted batchnorm under shard_map, batch split over the mesh axes `names`; takes
+    (params, state, x, mask) and puts x and mask on the mesh first."""
+    batch_mesh = mesh(mesh_shape, names if isinstance(names, tuple) else (names,))
+    spec = P(names)
+    call = functools.partial(jbn.batchnorm, axis_name=names, **kwargs)
+    f = jax.jit(jax.shard_map(
+        lambda p, s, x, m: call(p, s, x, mask=m),
+        mesh=batch_mesh,
+        in_specs=(P(), P(), spec, None if mask is None else spec),
+        out_specs=(spec, P()),
+    ))
+
+    def on_mesh(params, state, x, mask, lower=False):
+        put = functools.partial(jax.device_put, device=NamedSharding(batch_mesh, spec))
+        args = (params, state, put(x), None if mask is None else put(mask))
+        return f.lower(*args).compile().as_text() if lower else f(*args)
+    return on_mesh
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+@pytest.mark.parametrize("training", [True, False])
+def test_shard_map_on_a_1d_mesh_equals_the_whole_batch(mask, training):
+    result = sharded("data", mask=mask, training=training)(PARAMS, STATE, X, mask)
+    assert_matches(result, whole_batch(mask=mask, training=training))
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_shard_map_on_a_2d_mesh_with_two_axis_names_equals_the_whole_batch(mask):
+    f = sharded(("data", "replica"), (4, 2), mask=mask, training=True, momentum=None)
+    result = f(PARAMS, STATE, X, mask)
+    assert_matches(result, whole_batch(mask=mask, momentum=None))
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_pmap_equals_the_whole_batch(mask):
+    def call(params, state, x, mask):
+        return jbn.batchnorm(params, state, x, True, mask=mask, axis_name="devices")
+    f = jax.pmap(call, axis_name="devices",
+                 in_axes=(None, None, 0, 0 if mask is not None else None))
+    shards = X.reshape(DEVICES, -1, C, L)
+    y, state = f(PARAMS, STATE, shards, None if mask is None else mask.reshape(DEVICES, -1))
+    expected_y, expected_state = whole_batch(mask=mask)
+    np.testing.assert_allclose(y.reshape(X.shape), expected_y, **CLOSE)
+    for device in range(DEVICES):
+        assert_matches(index(state, device), expected_state)
+
+
+def test_pmap_axis_index_groups_normalize_each_group_on_its_own():
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    def call(params, state, x):
+        return jbn.batchnorm(params, state, x, True, axis_name="devices", axis_index_groups=groups)
+    f = jax.pmap(call, axis_name="devices", in_axes=(None, None, 0))
+    y, state = f(PARAMS, STATE, X.reshape(DEVICES, -1, C, L))
+    halves = jnp.split(X, 2)
+    for g, half in enumerate(halves):
+        expected_y, expected_state = whole_batch(half)
+        np.testing.assert_allclose(y[4 * g: 4 * g + 4].reshape(half.shape), expected_y, **CLOSE)
+        assert_matches(index(state, 4 * g), expected_state)
+
+
+@pytest.mark.parametrize("example_shape", [(C,), (C, L)])
+def test_per_example_vmap_equals_the_whole_batch(example_shape):
+    x = X[(slice(None),) + tuple(slice(0, n) for n in example_shape)]
+    f = jax.vmap(functools.partial(jbn.batchnorm, training=True, axis=0, axis_name="batch"),
+                 in_axes=(None, None, 0), out_axes=(0, None), axis_name="batch")
+    assert_matches(f(PARAMS, STATE, x), whole_batch(x))
+
+
+def test_per_example_vmap_with_a_scalar_mask_per_example():
+    def call(params, state, x, mask):
+        return jbn.batchnorm(params, state, x, True, axis=0, mask=mask, axis_name="batch")
+    f = jax.vmap(call, in_axes=(None, None, 0, 0), out_axes=(0, None), axis_name="batch")
+    assert_matches(f(PARAMS, STATE, X, UNEVEN), whole_batch(mask=UNEVEN))
+
+
+def test_nested_vmaps_with_two_axis_names_equal_the_whole_batch():
+    call = functools.partial(jbn.batchnorm, training=True, axis=0, axis_name=("outer", "inner"))
+    inner = jax.vmap(call, in_axes=(None, None, 0), out_axes=(0, None), axis_name="inner")
+    outer = jax.vmap(inner, in_axes=(None, None, 0), out_axes=(0, None), axis_name="outer")
+    y, state = outer(PARAMS, STATE, X.reshape(DEVICES, -1, C, L))
+    expected_y, expected_state = whole_batch()
+    np.testing.assert_allclose(y.reshape(X.shape), expected_y, **CLOSE)
+    assert_matches(state, expected_state)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_jit_over_a_batch_sharded_array_without_axis_name_equals_unsharded(axis_type):
+    batch_mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(axis_type,))
+    data = NamedSharding(batch_mesh, P("data"))
+    x, mask = jax.device_put(X, data), jax.device_put(UNEVEN, data)
+    with jax.set_mesh(batch_mesh):
+        result = jax.jit(jbn.batchnorm, static_argnames="training")(
+            PARAMS, STATE, x, training=True, mask=mask)
+    assert result[0].sharding.is_equivalent_to(data, X.ndim)
+    assert_matches(result, whole_batch(mask=UNEVEN))
+
+
+def loss(params, x, mask, axis_name=None):
+    y, _ = jbn.batchnorm(params, STATE, x, True, mask=mask, axis_name=axis_name)
+    return jnp.sum(jnp.sin(y) * jnp.cos(x))
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_gradients_under_shard_map_equal_the_whole_batch(mask):
+    def global_loss(params, x, mask):
+        return jax.lax.psum(loss(params, x, mask, "data"), "data")
+    f = jax.shard_map(global_loss, mesh=mesh((DEVICES,), ("data",)),
+                      in_specs=(P(), P("data"), None if mask is None else P("data")),
+                      out_specs=P())
+    on_mesh = NamedSharding(mesh((DEVICES,), ("data",)), P("data"))
+    x, mask_on_mesh = (None if v is None else jax.device_put(v, on_mesh) for v in (X, mask))
+    grads = jax.jit(jax.grad(f, argnums=(0, 1)))(PARAMS, x, mask_on_mesh)
+    assert_matches(grads, jax.grad(loss, argnums=(0, 1))(PARAMS, X, mask))
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_gradients_under_pmap_equal_the_whole_batch(mask):
+    def local_grads(params, x, mask):
+        dparams, dx = jax.grad(loss, argnums=(0, 1))(params, x, mask, "devices")
+        return jax.lax.psum(dparams, "devices"), dx
+    shards = X.reshape(DEVICES, -1, C, L)
+    if mask is None:
+        f = jax.pmap(lambda p, x: local_grads(p, x, None), axis_name="devices", in_axes=(None, 0))
+        dparams, dx = f(PARAMS, shards)
+    else:
+        f = jax.pmap(local_grads, axis_name="devices", in_axes=(None, 0, 0))
+        dparams, dx = f(PARAMS, shards, mask.reshape(DEVICES, -1))
+    expected_dparams, expected_dx = jax.grad(loss, argnums=(0, 1))(PARAMS, X, mask)
+    np.testing.assert_allclose(dx.reshape(X.shape), expected_dx, **CLOSE)
+    assert_matches(index(dparams, 0), expected_dparams)
+
+
+def test_float32_with_mean_1e4_times_spread_over_8_devices_stays_within_1e_5():
+    std = RNG.uniform(0.5, 2.0, 8)
+    x = (1e4 * std + std * RNG.normal(size=(4096, 8))).astype(np.float32)
+    params, state = jbn.init(8)
+    y, _ = sharded("data", training=True)(params, state, jnp.asarray(x), None)
+    expected, _ = reference.batchnorm(params, state, x, True)
+    assert np.max(np.abs(np.asarray(y, np.float64) - expected)) <= 1e-5
+
+
+def test_constant_channel_over_devices_normalizes_to_exactly_zero():
+    x = jnp.full((64, 2), 12345.678, jnp.float32).at[:, 1].set(jnp.arange(64, dtype=jnp.float32))
+    params, state = jbn.init(2)
+    y, new_state = sharded("data", training=True)(params, state, x, None)
+    assert np.all(np.asarray(y)[:, 0] == 0)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in new_state.values())
+
+
+@pytest.mark.parametrize("valid", [0, 1], ids=["no valid value", "one valid value"])
+def test_fewer_than_two_valid_values_leave_the_state_as_it_was_and_y_finite(valid):
+    mask = jnp.zeros((X.shape[0], L), bool).at[3, :valid].set(True)
+    y, state = sharded("data", mask=mask, training=True)(PARAMS, STATE, X, mask)
+    assert jnp.all(jnp.isfinite(y))
+    assert_matches(state, STATE)
+
+
+def test_one_value_per_channel_across_all_devices_is_an_error():
+    f = jax.vmap(functools.partial(jbn.batchnorm, training=True, axis=0, axis_name="batch"),
+                 in_axes=(None, None, 0), out_axes=(0, None), axis_name="batch")
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(3,\) over 1 device"):
+        f(PARAMS, STATE, X[:1, :, 0])
+
+
+def collectives(compiled_text):
+    """(op, element count) for each cross-device collective in optimized HLO."""
+    found = []
+    for line in compiled_text.splitlines():
+        op = re.search(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                       r"collective-permute)(-start)?\(", line)
+        if op:
+            sizes = [np.prod([int(d) for d in dims.split(",") if d] or [1])
+                     for dims in re.findall(r"[a-z]+\d+\[([\d,]*)\]", op.group(1))]
+            found.append((op.group(2), int(sum(sizes))))
+    return found
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+@pytest.mark.parametrize("channels", [3, 64])
+def test_training_call_uses_two_all_reduces_of_order_c(mask, channels):
+    x = jnp.ones((DEVICES * 4, channels, L))
+    params, state = jbn.init(channels)
+    text = sharded("data", mask=mask, training=True)(params, state, x, mask, lower=True)
+    found = collectives(text)
+    assert len(found) <= 2, found
+    assert all(op == "all-reduce" and size <= 2 * channels + 1 for op, size in found), found
+
+
+def test_forward_and_backward_together_use_three_all_reduces():
+    def global_loss(params, x):
+        return jax.lax.psum(loss(params, x, None, "data"), "data")
+    f = jax.shard_map(global_loss, mesh=mesh((DEVICES,), ("data",)),
+                      in_specs=(P(), P("data")), out_specs=P())
+    x = jax.device_put(X, NamedSharding(mesh((DEVICES,), ("data",)), P("data")))
+    text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(PARAMS, x).compile().as_text()
+    # Forward statistics (2), backward sums (1); the loss and weight-gradient psums are the
+    # test's own and do not touch x-sized data.
+    reduces = [size for op, size in collectives(text) if op == "all-reduce"]
+    assert len([size for size in reduces if size > 2]) <= 3, reduces
