@@ -131,8 +131,7 @@ def batchnorm(
     _check_entries("params", params, _PARAM_KEYS, channels)
     _check_entries("state", state, _STATE_KEYS, channels)
     _check_momentum(momentum)
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a real number ≥ 0, got {eps!r}")
+    _check_eps(eps)
     batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups))
     devices = _devices_per_batch(batch)
     valid = _check_mask(mask, x.shape, channel_axis)
@@ -214,9 +213,13 @@ def _check_entries(name: str, entries, keys: tuple[str, ...], channels: int) -> 
         kind = jnp.integer if key == "num_batches_tracked" else jnp.floating
         shape, dtype = jnp.shape(value), jnp.result_type(value)
         if shape != expected_shape or not jnp.issubdtype(dtype, kind):
-            raise ValueError(
-                f"{name}[{key!r}] must have shape {expected_shape} and a "
-                f"{kind.__name__} dtype (x has {channels} channels), got shape {shape} {dtype}")
+            raise ValueError(f"{name}[{key!r}] must have shape {expected_shape} and a "
+                             f"{kind.__name__} dtype, got shape {shape} {dtype}")
+
+
+def _check_eps(eps) -> None:
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a real number ≥ 0, got {eps!r}")
 
 
 def _check_momentum(momentum) -> None:
