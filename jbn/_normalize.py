@@ -103,19 +103,22 @@ def _normalize_jvp(batch, eps, primals, tangents):
 
     @jax.checkpoint
     def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
-        xhat = _standardized(batch, x, m, inv_std)
-        dx = dx.astype(xhat.dtype)
-        # ⟨ẋ⟩ and ⟨x̂ ẋ⟩ over the whole batch: one all-reduce.
-        sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(xhat * dx, valid)]))
-        mean_dx, mean_xhat_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
-        dxhat = batch.per_channel(inv_std) * (
-            dx - batch.per_channel(mean_dx) - xhat * batch.per_channel(mean_xhat_dx)
-        )
-        if weight is None:
-            dy = dxhat
-        else:
-            dy = (dxhat * batch.per_channel(weight) + xhat * batch.per_channel(dweight)
-                  + batch.per_channel(dbias))
+        centered = x.astype(m.shift.dtype) - batch.per_channel(m.shift)
+        dx = dx.astype(centered.dtype)
+        # ⟨ẋ⟩ and ⟨(x − shift)·ẋ⟩ over the whole batch: one all-reduce.
+        sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(centered * dx, valid)]))
+        mean_dx, mean_centered_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
+        mean_xhat_dx = (mean_centered_dx - m.mean_offset * mean_dx) * inv_std
+        # ẏ = scale·ẋ + slope·x̂ + offset, per-channel coefficients:
+        scale = inv_std if weight is None else inv_std * weight
+        slope = -scale * mean_xhat_dx
+        offset = -scale * mean_dx
+        if weight is not None:
+            slope, offset = slope + dweight, offset + dbias
+        # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
+        # needs only the sums of ct and (x − shift)·ct.
+        dy = (dx * batch.per_channel(scale) + centered * batch.per_channel(inv_std * slope)
+              + batch.per_channel(offset - m.mean_offset * inv_std * slope))
         dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
         return dy.astype(x.dtype), dstats
 

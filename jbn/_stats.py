@@ -128,11 +128,14 @@ def _local_moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     # derivative flows through it; a device with no valid value uses 0, so that garbage in
     # masked positions cannot reach the combination.
     shift = lax.stop_gradient(jnp.where(count > 0, _first_valid_value(x, valid, batch), 0))
-    centered = x.astype(dtype) - batch.per_channel(shift.astype(dtype))
-    s = batch.sum(centered, valid)
-    q = batch.sum(centered * centered, valid)
+    shift = shift.astype(dtype)
+    # One copy of the shift per sum, opaque to XLA: each reduction then reads x and fuses its
+    # own x − shift, where a shared x − shift would be written to memory and read back twice.
+    shift_s, shift_q = lax.optimization_barrier((shift, shift))
+    s = batch.sum(x.astype(dtype) - batch.per_channel(shift_s), valid)
+    q = batch.sum(jnp.square(x.astype(dtype) - batch.per_channel(shift_q)), valid)
     mean_offset = s / jnp.maximum(count, 1)
-    return Moments(count, shift.astype(dtype), mean_offset, q - s * mean_offset)
+    return Moments(count, shift, mean_offset, q - s * mean_offset)
 
 
 def _combined_across_devices(local: Moments, batch: Batch) -> Moments:
