@@ -1,0 +1,80 @@
+"""One process of ``test_multiprocess.py``: synchronized batch norm across processes.
+
+Usage: ``python _multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DIR``.
+
+Joins the ``jax.distributed`` job at ``COORDINATOR`` with 2 CPU devices, reads the inputs
+from ``DIR/inputs.npz``, runs ``jbn.batchnorm`` in training mode under ``jax.shard_map``
+over the global mesh of all processes' devices, batch split along ``"batch"``, and writes
+the gathered global results to ``DIR/result_<PROCESS_ID>.npz``.
+"""
+
+import os
+import re
+import sys
+
+# Two devices per process, whatever the parent asked for its own JAX; XLA reads the flag
+# once, when JAX starts.
+_FLAG = "--xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = (
+    re.sub(rf"{_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")) + f" {_FLAG}=2").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jbn  # noqa: E402
+
+AXIS = "batch"
+
+
+def main(coordinator: str, num_processes: int, process_id: int, directory: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               initialization_timeout=60)
+    inputs = dict(np.load(os.path.join(directory, "inputs.npz")))
+    mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+
+    def global_array(value, spec):
+        # Every process holds the whole value; each device takes its slice of it.
+        return jax.make_array_from_callback(
+            value.shape, NamedSharding(mesh, spec), lambda index: value[index])
+
+    params = {k: global_array(inputs[k], P()) for k in ("weight", "bias")}
+    state = {k: global_array(inputs[k], P())
+             for k in ("running_mean", "running_var", "num_batches_tracked")}
+    x, mask, cotangent = (global_array(inputs[k], P(AXIS)) for k in ("x", "mask", "cotangent"))
+
+    def on_device(params, state, x, mask, cotangent):
+        def loss(x, params):
+            y, new_state = jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS)
+            return jnp.sum(y * cotangent), (y, new_state)
+
+        (_, (y, new_state)), (dx, dparams) = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True)(x, params)
+        # momentum=1 replaces the running statistics by the batch's: mean and unbiased
+        # variance of the valid values of the whole global batch.
+        _, batch_stats = jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS,
+                                       momentum=1.0)
+        return y, new_state, batch_stats, dx, dparams
+
+    run = jax.jit(jax.shard_map(
+        on_device, mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+        out_specs=(P(AXIS), P(), P(), P(AXIS), P())))
+    y, new_state, batch_stats, dx, dparams = run(params, state, x, mask, cotangent)
+
+    # Sharded results are gathered into global values; replicated ones are read locally.
+    y, dx = multihost_utils.process_allgather((y, dx), tiled=True)
+    local = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
+                         {"state": new_state, "batch_stats": batch_stats, "grad": dparams})
+    np.savez(os.path.join(directory, f"result_{process_id}.npz"),
+             y=y, dx=dx, devices=jax.device_count(), processes=jax.process_count(),
+             **{f"{group}/{key}": value
+                for group, values in local.items() for key, value in values.items()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

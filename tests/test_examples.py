@@ -1,0 +1,60 @@
+"""The examples run as a user runs them, each in its own process, and do their job:
+``train.py`` reaches its accuracy, and ``data_parallel.py`` trains as one device does
+(shard_map, pmap, and across 2 jax.distributed processes), with few epochs for speed."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+TIMEOUT_S = 300
+
+
+def run_example(name: str, *args: str) -> str:
+    """Runs ``examples/<name>`` with ``args``; returns its output, failing on error."""
+    # On the CPU, with the device count the examples choose, not this test session's.
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    try:
+        done = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *args],
+                              capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{name} {' '.join(args)} took more than {TIMEOUT_S} s:\n{error.stdout}")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return done.stdout
+
+
+def test_train_reaches_95_percent_test_accuracy():
+    output = run_example("train.py")
+    epochs = re.findall(r"^epoch +\d+ .* test accuracy ([\d.]+)%", output, re.MULTILINE)
+    assert len(epochs) == 15, output
+    final = re.search(r"^final test accuracy: ([\d.]+)%", output, re.MULTILINE)
+    assert final is not None, output
+    assert float(final.group(1)) >= 95, output
+
+
+@pytest.mark.parametrize("args", [
+    ("--epochs", "2"),
+    ("--epochs", "2", "--pmap"),
+    ("--epochs", "1", "--processes", "2"),
+    ("--epochs", "1", "--processes", "2", "--pmap"),
+], ids=["shard_map", "pmap", "shard_map-2-processes", "pmap-2-processes"])
+def test_data_parallel_training_matches_one_device(args):
+    output = run_example("data_parallel.py", *args)
+    epochs = int(args[1])
+    devices = re.search(r"over (\d+) cpu devices in (\d+) process", output)
+    assert devices is not None, output
+    assert devices.groups() == ("8", "2" if "--processes" in args else "1"), output
+    # epoch, then train loss, test loss and accuracy (1 device, parallel), differences.
+    rows = re.findall(r"^(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)% +([\d.]+)%"
+                      r" +([\d.e+-]+) +([\d.e+-]+)$", output, re.MULTILINE)
+    assert [int(row[0]) for row in rows] == list(range(1, epochs + 1)), output
+    for row in rows:
+        single_accuracy, parallel_accuracy = row[5], row[6]
+        assert single_accuracy == parallel_accuracy, output
+    assert "MISMATCH" not in output
+    assert re.search(r"^match: ", output, re.MULTILINE), output
