@@ -1,0 +1,53 @@
+"""``python -m benchmarks``: prints the table and writes benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from benchmarks import harness
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is sizes joined by x, like 64x256x256; "
+                                         f"got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs a batch and a channel axis, got {text!r}")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> harness.Report:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=list(harness.SHAPES),
+                        metavar="NxCx...", help="shapes of x, channel on axis 1 "
+                        "(default: 256x128 4096x1024 64x256x256 64x64x32x32)")
+    parser.add_argument("--reps", type=int, default=10,
+                        help="least number of timed calls per job (default: 10)")
+    parser.add_argument("--budget", type=float, default=10.0,
+                        help="seconds of timed calls per shape; fast shapes get more calls "
+                        "(default: 10)")
+    parser.add_argument("--no-write", action="store_true",
+                        help=f"print only, do not write {RESULTS.name}")
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    report = harness.run(args.shapes, reps=args.reps, budget=args.budget, log=log)
+    text = harness.markdown(report, command)
+    print(text)
+    if not args.no_write:
+        RESULTS.write_text(text)
+        log(f"wrote {RESULTS}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
