@@ -103,8 +103,12 @@ def _normalize_jvp(batch, eps, primals, tangents):
 
     @jax.checkpoint
     def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
-        centered = x.astype(m.shift.dtype) - batch.per_channel(m.shift)
-        dx = dx.astype(centered.dtype)
+        # One copy of the shift for the sum and one for ẏ, opaque to XLA: each x − shift then
+        # fuses into its own pass over x, where a shared one would be written to memory.
+        shift_sum, shift_dy = lax.optimization_barrier((m.shift, m.shift))
+        dtype = m.shift.dtype
+        dx = dx.astype(dtype)
+        centered = x.astype(dtype) - batch.per_channel(shift_sum)
         # ⟨ẋ⟩ and ⟨(x − shift)·ẋ⟩ over the whole batch: one all-reduce.
         sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(centered * dx, valid)]))
         mean_dx, mean_centered_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
@@ -117,6 +121,7 @@ def _normalize_jvp(batch, eps, primals, tangents):
             slope, offset = slope + dweight, offset + dbias
         # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
+        centered = x.astype(dtype) - batch.per_channel(shift_dy)
         dy = (dx * batch.per_channel(scale) + centered * batch.per_channel(inv_std * slope)
               + batch.per_channel(offset - m.mean_offset * inv_std * slope))
         dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
