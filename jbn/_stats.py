@@ -3,14 +3,16 @@
 This module is the single owner of how jbn computes E[x] and Var[x]. The details it takes
 care of:
 
-* **No cancellation.** Moments are taken about a *shift* ``K``, one value of the data per
-  channel: ``s = Σ (x − K)`` and ``q = Σ (x − K)²``, then ``mean = K + s/n`` and
-  ``M2 = q − s²/n``. Because ``K`` lies inside the data, ``s/n`` is of the order of the
-  spread, not of the mean, and ``q − s²/n`` loses at most a digit, where the textbook
-  ``E[x²] − E[x]²`` loses everything once the mean is 10⁴× the spread. The mean is kept as
-  the pair ``(K, s/n)``: ``x − K`` is exact for data close to ``K`` (Sterbenz), so the
-  normalized value ``(x − K) − s/n`` is finer than a mean rounded to the input precision,
-  and a constant channel gives exactly 0. Both sums come from one pass over ``x``.
+* **No cancellation.** Two passes over ``x``. The first takes the mean about ``K``,
+  one value of the data per channel: ``mean = K + ⟨x − K⟩``; ``⟨x − K⟩`` is of the
+  order of the spread, not of the mean. The second sums squared deviations from that mean,
+  ``M2 = Σ ((x − K) − ⟨x − K⟩)²``, a sum of non-negative terms that nothing can cancel,
+  where the textbook ``E[x²] − E[x]²`` loses every digit once the mean is 10⁴× the spread
+  (and a one-pass sum about ``K`` loses digits when ``K`` happens to be an outlier). The
+  mean is kept as a pair: the mean rounded to the compute dtype, as ``shift``, and the
+  remainder below its rounding error, as ``mean_offset``. ``x − shift`` is exact for data
+  close to the mean (Sterbenz), so the normalized value ``(x − shift) − mean_offset`` is
+  finer than a mean rounded to the input precision, and a constant channel gives exactly 0.
 * **Precision.** Sums accumulate in at least float32, whatever the input dtype.
 * **Masks.** Positions where ``valid`` is False enter neither the sums nor the count.
 * **Several devices, count-weighted.** Each device reduces its own values to
@@ -79,8 +81,8 @@ class Moments(NamedTuple):
     ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel)."""
 
     count: Array  # ()
-    shift: Array  # (C,): a value inside the data, so that x − shift is exact
-    mean_offset: Array  # (C,): mean − shift, of the order of the spread
+    shift: Array  # (C,): the mean, rounded to the compute dtype
+    mean_offset: Array  # (C,): mean − shift, below the rounding error of shift
     m2: Array  # (C,)
 
     @property
@@ -92,10 +94,6 @@ class Moments(NamedTuple):
         """Biased variance M2/n, the one that normalizes (0 when there is no value)."""
         return self.m2 / jnp.maximum(self.count, 1)
 
-    @property
-    def unbiased_variance(self) -> Array:
-        """M2/(n − 1), the one PyTorch keeps in running_var (inf or nan when n < 2)."""
-        return self.m2 / (self.count - 1)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -124,18 +122,19 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
 def _local_moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     dtype = compute_dtype(x.dtype)
     count = _count(x.shape, valid, batch, dtype)
-    # The shift is a constant of the formulas (mean and M2 do not depend on it), so no
-    # derivative flows through it; a device with no valid value uses 0, so that garbage in
-    # masked positions cannot reach the combination.
-    shift = lax.stop_gradient(jnp.where(count > 0, _first_valid_value(x, valid, batch), 0))
-    shift = shift.astype(dtype)
-    # One copy of the shift per sum, opaque to XLA: each reduction then reads x and fuses its
-    # own x − shift, where a shared x − shift would be written to memory and read back twice.
-    shift_s, shift_q = lax.optimization_barrier((shift, shift))
-    s = batch.sum(x.astype(dtype) - batch.per_channel(shift_s), valid)
-    q = batch.sum(jnp.square(x.astype(dtype) - batch.per_channel(shift_q)), valid)
-    mean_offset = s / jnp.maximum(count, 1)
-    return Moments(count, shift, mean_offset, q - s * mean_offset)
+    # K is a constant of the formulas (the mean and M2 do not depend on it), so no derivative
+    # flows through it; a device with no valid value uses 0, so that garbage in masked
+    # positions cannot reach the combination.
+    k = lax.stop_gradient(jnp.where(count > 0, _first_valid_value(x, valid, batch), 0))
+    k = k.astype(dtype)
+    # One copy of K per pass, opaque to XLA: each reduction then reads x and fuses its own
+    # x − K, where a shared x − K would be written to memory and read back twice.
+    k_mean, k_m2 = lax.optimization_barrier((k, k))
+    offset = batch.sum(x.astype(dtype) - batch.per_channel(k_mean), valid) / jnp.maximum(count, 1)
+    deviation = (x.astype(dtype) - batch.per_channel(k_m2)) - batch.per_channel(offset)
+    m2 = batch.sum(jnp.square(deviation), valid)
+    mean = k + offset
+    return Moments(count, mean, (k - mean) + offset, m2)
 
 
 def _combined_across_devices(local: Moments, batch: Batch) -> Moments:

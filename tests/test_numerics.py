@@ -80,3 +80,26 @@ def test_float64_params_and_state_keep_their_dtype_with_float32_x():
     y, new_state = jbn.batchnorm(params, state, x, True)
     assert y.dtype == jnp.float32
     assert {k: v.dtype for k, v in new_state.items()} == {k: v.dtype for k, v in state.items()}
+
+
+def outlier_first(n):
+    """N(0, 1) float32 data whose first value, about which the mean is taken, is √n σ out."""
+    x = np.random.default_rng(3).normal(size=(n, 2)).astype(np.float32)
+    x[0] = np.sqrt(n)
+    params, state = jbn.init(2)
+    y, new_state = jbn.batchnorm(params, state, jnp.asarray(x), True, momentum=1.0)
+    expected_y, expected_state = reference.batchnorm(params, state, x, True, momentum=1.0)
+    return y, new_state, expected_y, expected_state
+
+
+@pytest.mark.parametrize("n", [10_000, 1_000_000])
+def test_an_outlier_first_value_costs_the_variance_no_accuracy(n):
+    # A one-pass sum of squares about that value loses 5e-2 relative at n = 1e6.
+    _, state, _, expected = outlier_first(n)
+    np.testing.assert_allclose(state["running_var"], expected["running_var"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [10_000, 100_000])
+def test_an_outlier_first_value_keeps_y_within_1e_5(n):
+    y, _, expected, _ = outlier_first(n)
+    assert np.max(np.abs(np.asarray(y, np.float64) - expected)) <= 1e-5
