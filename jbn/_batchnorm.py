@@ -132,7 +132,7 @@ def batchnorm(
     _check_entries("state", state, _STATE_KEYS, channels)
     _check_momentum(momentum)
     _check_eps(eps)
-    batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups))
+    batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups, axis_name))
     devices = _devices_per_batch(batch)
     valid = _check_mask(mask, x.shape, channel_axis)
 
@@ -209,17 +209,24 @@ def _check_entries(name: str, entries, keys: tuple[str, ...], channels: int) -> 
                          f"missing {missing}, unexpected {extra}")
     for key in keys:
         value = entries[key]
-        expected_shape = () if key == "num_batches_tracked" else (channels,)
-        kind = jnp.integer if key == "num_batches_tracked" else jnp.floating
-        shape, dtype = jnp.shape(value), jnp.result_type(value)
-        if shape != expected_shape or not jnp.issubdtype(dtype, kind):
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"{name}[{key!r}] must be an array, got {type(value).__name__}")
+        if key == "num_batches_tracked":
+            # A narrower integer would wrap around, and momentum=None divide by it.
+            expected_shape, kinds, expected = (), (jnp.int32, jnp.int64), "int32 or int64"
+        else:
+            expected_shape, kinds, expected = (channels,), (jnp.floating,), "floating"
+        if value.shape != expected_shape or not any(
+                jnp.issubdtype(value.dtype, kind) for kind in kinds):
             raise ValueError(f"{name}[{key!r}] must have shape {expected_shape} and a "
-                             f"{kind.__name__} dtype, got shape {shape} {dtype}")
+                             f"{expected} dtype, got shape {value.shape} {value.dtype}")
 
 
 def _check_eps(eps) -> None:
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a real number ≥ 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float ≥ 0, got {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be ≥ 0, got {eps!r}")
 
 
 def _check_momentum(momentum) -> None:
@@ -231,9 +238,12 @@ def _check_momentum(momentum) -> None:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
 
 
-def _check_groups(groups) -> tuple[tuple[int, ...], ...] | None:
+def _check_groups(groups, axis_name) -> tuple[tuple[int, ...], ...] | None:
     if groups is None:
         return None
+    if axis_name is None:
+        raise ValueError(f"axis_index_groups {groups!r} needs axis_name: the groups split the "
+                         "devices of that axis")
     return tuple(tuple(int(i) for i in group) for group in groups)
 
 
@@ -248,7 +258,7 @@ def _check_mask(mask, shape: tuple[int, ...], channel_axis: int) -> Array | None
     others = [i for i in range(len(shape)) if i != channel_axis]
     expected = tuple(shape[i] for i in others)
     if mask.shape != expected[: mask.ndim]:
-        prefixes = " or ".join(str(expected[:k]) for k in range(len(expected), 0, -1))
+        prefixes = " or ".join(str(expected[:k]) for k in range(len(expected), -1, -1))
         raise ValueError(f"mask must have the shape of x {shape} without its channel axis, "
                          f"or a leading prefix of it: {prefixes}; got {mask.shape}")
     broadcast = [1] * len(shape)
@@ -268,7 +278,7 @@ def _devices_per_batch(batch: Batch) -> int:
                 f"axis_name {name!r} is not bound: call batchnorm inside jax.pmap, "
                 f"jax.shard_map or jax.vmap that names the axis {name!r}") from None
     if batch.axis_index_groups is not None:
-        devices = len(batch.axis_index_groups[0])
+        devices = min(len(group) for group in batch.axis_index_groups)
     return devices
 
 

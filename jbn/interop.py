@@ -189,7 +189,9 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     _check_vectors({f"variables[{collection!r}][{name!r}]": variables[collection][name]
                     for collection, names in collections.items() for name in names
                     if name in variables.get(collection, {})})
-    scale, bias, mean, var = (None if value is None else jnp.asarray(value) for value in (
+    # The explicit dtype makes JAX warn, rather than narrow float64 silently, when x64 is off.
+    scale, bias, mean, var = (None if value is None else
+                              jnp.asarray(value, dtype=jnp.result_type(value)) for value in (
         flax_params.get("scale"), flax_params.get("bias"), stats.get("mean"), stats.get("var")))
     params, state = {}, {}
     if scale is not None or bias is not None:
@@ -368,8 +370,15 @@ def _check_count(value, name: str) -> None:
 
 def _check_layer(params: Params, state: State) -> None:
     """Checks jbn params and state as ``batchnorm`` would, with C taken from them."""
-    first = next((value for entries in (params, state) if isinstance(entries, Mapping)
+    first = next(((f"{name}[{key!r}]", value) for name, entries in (("params", params),
+                                                                   ("state", state))
+                  if isinstance(entries, Mapping)
                   for key, value in entries.items() if key != "num_batches_tracked"), None)
-    channels = jnp.shape(first)[0] if first is not None and jnp.ndim(first) == 1 else -1
+    channels = None
+    if first is not None:
+        name, value = first
+        if jnp.ndim(value) != 1:
+            raise ValueError(f"{name} must have shape (C,), got {jnp.shape(value)}")
+        channels = jnp.shape(value)[0]
     _check_entries("params", params, _PARAM_KEYS, channels)
     _check_entries("state", state, _STATE_KEYS, channels)

@@ -48,14 +48,25 @@ BAD_CALLS = {
         r"state\['running_var'\].*\(3,\).*\(3, 1\)"),
     "float batch count": (
         dict(state={**STATE, "num_batches_tracked": jnp.zeros(())}), ValueError,
-        r"state\['num_batches_tracked'\].*integer.*float"),
+        r"state\['num_batches_tracked'\].*int32 or int64.*float"),
+    "int8 batch count, which would wrap around": (
+        dict(state={**STATE, "num_batches_tracked": jnp.zeros((), jnp.int8)}), ValueError,
+        r"state\['num_batches_tracked'\].*int32 or int64.*int8"),
+    "weight as a list": (
+        dict(params={"weight": [1.0, 1.0, 1.0], "bias": jnp.zeros(3)}), TypeError,
+        r"params\['weight'\] must be an array, got list"),
+    "eps an array": (dict(eps=jnp.asarray(1e-5)), TypeError, r"eps must be a float"),
+    "eps a bool": (dict(eps=True), TypeError, r"eps must be a float.*True"),
+    "axis_index_groups without axis_name": (
+        dict(axis_index_groups=[[0, 1]]), ValueError, r"axis_index_groups.*needs axis_name"),
     "axis out of range": (dict(axis=3), ValueError, r"axis 3 is out of range.*rank 3"),
     "axis not an int": (dict(axis=1.0), TypeError, r"axis must be an int.*1\.0"),
     "training an array": (dict(training=jnp.asarray(True)), TypeError, r"training.*static"),
     "training a string": (dict(training="yes"), TypeError, r"training must be a Python bool.*str"),
     "mask of floats": (dict(mask=jnp.ones(4)), TypeError, r"mask must be a boolean.*float"),
     "mask of wrong shape": (
-        dict(mask=jnp.ones((4, 3), bool)), ValueError, r"mask.*\(4, 5\) or \(4,\).*got \(4, 3\)"),
+        dict(mask=jnp.ones((4, 3), bool)), ValueError,
+        r"mask.*\(4, 5\) or \(4,\) or \(\).*got \(4, 3\)"),
     "mask with the channel axis": (
         dict(mask=jnp.ones((4, 3, 5), bool)), ValueError, r"mask.*got \(4, 3, 5\)"),
     "one value per channel in training": (
