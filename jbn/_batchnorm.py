@@ -116,7 +116,9 @@ def batchnorm(
         range, and when training with one value per channel.
 
     When a mask leaves fewer than 2 valid values per channel (known only at run time), the
-    running state is left as it was for that batch and ``y`` stays finite.
+    running state is left as it was for that batch and ``y`` stays finite (for ``eps > 0``).
+    Masked positions are normalized too, so ``x`` must be finite there: a NaN in the padding
+    reaches ``y`` there and, through Σ ct·x̂, the gradient of ``weight``.
 
     PyTorch: ``torch.nn.BatchNorm{1,2,3}d`` and ``torch.nn.functional.batch_norm``
     (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).

@@ -40,3 +40,16 @@ def test_peers_that_are_not_installed_are_reported_as_skipped(monkeypatch):
     assert "missing" in report.skipped
     assert report.row((8, 4), "train", "missing") is None
     assert "## Skipped peers" in harness.markdown(report)
+
+
+def test_accuracy_table_prints_a_row_per_ratio_with_jbn_within_1e_5(capsys):
+    from benchmarks import accuracy
+
+    accuracy.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:2] == ["r", "jbn"]
+    rows = lines[2:]
+    assert len(rows) == len(accuracy.RATIOS)
+    for row in rows:
+        assert float(row.strip("|").split("|")[1]) <= 1e-5
