@@ -232,18 +232,20 @@ def test_training_call_uses_two_all_reduces_of_order_c(mask, channels):
     params, state = jbn.init(channels)
     text = sharded("data", mask=mask, training=True)(params, state, x, mask, lower=True)
     found = collectives(text)
-    assert len(found) <= 2, found
+    # The second all-reduce needs the first one's result, so XLA cannot merge them.
+    assert len(found) == 2, found
     assert all(op == "all-reduce" and size <= 2 * channels + 1 for op, size in found), found
 
 
-def test_forward_and_backward_together_use_three_all_reduces():
+def test_forward_and_backward_together_communicate_order_c_values():
     def global_loss(params, x):
         return jax.lax.psum(loss(params, x, None, "data"), "data")
     f = jax.shard_map(global_loss, mesh=mesh((DEVICES,), ("data",)),
                       in_specs=(P(), P("data")), out_specs=P())
     x = jax.device_put(X, NamedSharding(mesh((DEVICES,), ("data",)), P("data")))
     text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(PARAMS, x).compile().as_text()
-    # Forward statistics (2), backward sums (1); the loss and weight-gradient psums are the
-    # test's own and do not touch x-sized data.
-    reduces = [size for op, size in collectives(text) if op == "all-reduce"]
-    assert len([size for size in reduces if size > 2]) <= 3, reduces
+    found = collectives(text)
+    # Forward statistics C + 1 and 2C, backward sums 2C; the test's own loss (1) and the sum
+    # of the weight and bias gradients over devices (2C). XLA may merge independent ones.
+    assert found and all(op == "all-reduce" for op, _ in found), found
+    assert sum(size for _, size in found) <= 7 * C + 2 < X[: X.shape[0] // DEVICES].size, found
