@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
+from jax.typing import DTypeLike
 
 from jbn._normalize import BatchStatistics, fold, normalize
 from jbn._stats import Batch, compute_dtype
@@ -26,7 +27,7 @@ def init(
     *,
     affine: bool = True,
     track_running_stats: bool = True,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> tuple[Params, State]:
     """Parameters and state of a batch norm over ``num_features`` channels.
 

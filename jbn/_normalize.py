@@ -131,7 +131,8 @@ def _normalize_jvp(batch, eps, primals, tangents):
     return (y, _statistics(m)), (dy, dstats)
 
 
-def fold(weight: Array | None, bias: Array | None, mean: Array, var: Array, eps: float):
+def fold(weight: Array | None, bias: Array | None, mean: Array, var: Array,
+         eps: float) -> tuple[Array, Array]:
     """Eval-mode batch norm as one multiply-add: ``y = x·scale + shift`` with
     ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine)."""
     dtype = compute_dtype(mean.dtype)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,13 @@ class Batch:
         """Σ over the devices of ``axis_name``: one all-reduce (identity on one device)."""
         if self.axis_name is None:
             return v
-        return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+        try:
+            return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+        except NotImplementedError as error:
+            if self.axis_index_groups is None:
+                raise
+            raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
+                             f"(jax.shard_map and jax.vmap have none): {error}") from None
 
 
 class Moments(NamedTuple):
@@ -96,7 +103,7 @@ class Moments(NamedTuple):
 
 
 
-def compute_dtype(dtype) -> jnp.dtype:
+def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     """The dtype statistics accumulate in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
 
