@@ -113,17 +113,17 @@ def _normalize_jvp(batch, eps, primals, tangents):
         sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(centered * dx, valid)]))
         mean_dx, mean_centered_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
         mean_xhat_dx = (mean_centered_dx - m.mean_offset * mean_dx) * inv_std
-        # ẏ = scale·ẋ + slope·x̂ + offset, per-channel coefficients:
+        # ẏ = scale·ẋ + slope·x̂ + intercept, per-channel coefficients:
         scale = inv_std if weight is None else inv_std * weight
         slope = -scale * mean_xhat_dx
-        offset = -scale * mean_dx
+        intercept = -scale * mean_dx
         if weight is not None:
-            slope, offset = slope + dweight, offset + dbias
+            slope, intercept = slope + dweight, intercept + dbias
         # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
         centered = x.astype(dtype) - batch.per_channel(shift_dy)
         dy = (dx * batch.per_channel(scale) + centered * batch.per_channel(inv_std * slope)
-              + batch.per_channel(offset - m.mean_offset * inv_std * slope))
+              + batch.per_channel(intercept - m.mean_offset * inv_std * slope))
         dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
         return dy.astype(x.dtype), dstats
 
