@@ -102,7 +102,6 @@ class Moments(NamedTuple):
         return self.m2 / jnp.maximum(self.count, 1)
 
 
-
 def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     """The dtype statistics accumulate in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
