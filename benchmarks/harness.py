@@ -83,6 +83,7 @@ def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: f
             builders[name] = build
         except ImportError as error:
             skipped[name] = f"not installed ({error})"
+    busy_before = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) / 2
     report = Report([], {}, {}, skipped, machine())
     for shape in shapes:
         shape = tuple(shape)
@@ -111,9 +112,11 @@ def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: f
         report.floors[shape] = Row(shape, "floor", FLOOR, seconds[FLOOR])
         report.evals[shape] = Row(shape, "eval", EVAL, seconds[EVAL])
     report.machine["load average after"] = _load()
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) / 2:
-        report.machine["note"] = ("the machine was busy (load average above half its cores): "
-                                  "times are noisy and their ratios less reliable")
+    # Judged from the load before the run: the run itself keeps the cores busy.
+    if busy_before:
+        report.machine["note"] = ("the machine was busy before the run (load average above "
+                                  "half its cores): times are noisy and their ratios less "
+                                  "reliable")
     return report
 
 
