@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
 import jax
@@ -12,8 +13,8 @@ import numpy as np
 from jax import Array, lax
 from jax.typing import DTypeLike
 
-from jbn._normalize import BatchStatistics, fold, normalize
-from jbn._stats import Batch, compute_dtype
+from jbn._normalize import BatchStatistics, normalize, normalize_with
+from jbn._stats import Batch
 
 Params = dict[str, Array]
 State = dict[str, Array]
@@ -89,7 +90,9 @@ def batchnorm(
       *unbiased* batch variance ``n/(n − 1)·Var[x]`` for ``running_var``, and
       ``num_batches_tracked += 1``; ``momentum=None`` makes it the cumulative average
       (factor ``1/num_batches_tracked``).
-    * Eval with state: the running statistics normalize, folded into one multiply-add.
+    * Eval with state: the running statistics normalize, in one elementwise pass that
+      centers first, ``(x − running_mean)·w/√(running_var + eps) + b``, so that a channel
+      whose mean is large against its spread loses nothing to cancellation.
 
     The state comes back unchanged whenever it is not updated.
 
@@ -100,7 +103,8 @@ def batchnorm(
       x: floating array, rank ≥ 2 (rank ≥ 1 with ``axis_name``), channel at ``axis``.
       training: Python bool (static under ``jax.jit``).
       momentum: weight of the batch statistic in the running update, in [0, 1], or None.
-      eps: added to the variance, ≥ 0.
+      eps: added to the variance; > 0 where batch statistics normalize, ≥ 0 in eval with
+        running statistics (as PyTorch).
       axis: the channel axis: 1 for (N, C, ...), -1 for channels-last.
       mask: boolean, shaped like ``x`` without its channel axis, or a leading prefix of that
         shape (``(N,)`` or ``(N, L)`` for ``(N, C, L)``). False positions enter neither the
@@ -114,42 +118,42 @@ def batchnorm(
 
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong type, shape, dtype or
-        range, and when training with one value per channel.
+        range, and when training with exactly one value per channel.
 
-    When a mask leaves fewer than 2 valid values per channel (known only at run time), the
-    running state is left as it was for that batch and ``y`` stays finite (for ``eps > 0``).
-    Masked positions are normalized too, so ``x`` must be finite there: a NaN in the padding
-    reaches ``y`` there and, through Σ ct·x̂, the gradient of ``weight``.
+    Warns:
+      UserWarning: for ``momentum ≥ 0.9`` in training with running statistics, which is
+        most often Flax's convention by mistake (once per trace; ``warnings`` filters apply).
+
+    An empty batch (no value per channel) gives an empty ``y`` and, as in PyTorch, counts in
+    ``num_batches_tracked`` but leaves the running statistics as they were. So does a batch
+    whose mask leaves fewer than 2 valid values (known only at run time), where PyTorch, for
+    exactly one value, would raise; ``y`` stays finite there. Masked positions are
+    normalized too, so ``x`` must be finite there: a NaN in the padding reaches ``y`` there
+    and, through Σ ct·x̂, the gradient of ``weight``.
 
     PyTorch: ``torch.nn.BatchNorm{1,2,3}d`` and ``torch.nn.functional.batch_norm``
     (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).
     """
-    if not isinstance(training, (bool, np.bool_)):
-        hint = (" It is an array: mark it static, e.g. jax.jit(f, static_argnames='training')."
-                if isinstance(training, jax.Array) else "")
-        raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
+    _check_training(training)
     x = _check_x(x, axis_name)
-    channel_axis = _check_axis(axis, x.ndim)
+    channel_axis = _check_axis(axis, x.shape, axis_name)
+    _check_channels(x.shape, channel_axis, axis, params, state)
     channels = x.shape[channel_axis]
     _check_entries("params", params, _PARAM_KEYS, channels)
     _check_entries("state", state, _STATE_KEYS, channels)
-    _check_momentum(momentum)
-    _check_eps(eps)
+    _check_momentum(momentum, warn=training and bool(state))
+    batch_statistics = training or not state
+    _check_eps(eps, positive=batch_statistics)
     batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups, axis_name))
     devices = _devices_per_batch(batch)
     valid = _check_mask(mask, x.shape, channel_axis)
 
-    if not training and state:
-        # Fold in the finer of x's and the state's precisions (float64 x, float32 state).
-        dtype = compute_dtype(jnp.promote_types(x.dtype, state["running_mean"].dtype))
-        scale, shift = fold(params.get("weight"), params.get("bias"),
-                            state["running_mean"].astype(dtype),
-                            state["running_var"].astype(dtype), eps)
-        y = x * batch.per_channel(scale) + batch.per_channel(shift)
-        return y.astype(x.dtype), state
+    if not batch_statistics:
+        y = normalize_with(batch, eps, x, state["running_mean"], state["running_var"],
+                           params.get("weight"), params.get("bias"))
+        return y, state
 
-    values = devices * math.prod(x.shape[i] for i in batch.reduce_axes)
-    if values <= 1:
+    if devices * math.prod(x.shape[i] for i in batch.reduce_axes) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"of shape {x.shape} over {devices} device(s)"
                          + (" (before masking)" if mask is not None else ""))
@@ -160,11 +164,13 @@ def batchnorm(
 
 
 def _updated_state(state: State, stats: BatchStatistics, momentum: float | None) -> State:
+    # Every training call counts, as PyTorch's module counts before it looks at the batch (an
+    # empty batch too); the running statistics learn only from 2 or more valid values: with
+    # fewer (an empty batch, or a mask known only at run time) the unbiased variance would be
+    # inf or nan, so they stay as they were.
     num_batches = state["num_batches_tracked"] + 1
     factor = 1 / num_batches.astype(stats.mean.dtype) if momentum is None else momentum
     unbiased_variance = stats.variance * stats.count / (stats.count - 1)
-    # Fewer than 2 valid values (possible only with masks): nothing to learn from, and the
-    # unbiased variance would be inf or nan, so this batch leaves the state as it was.
     learn = stats.count > 1
 
     def updated(running, batch_value):
@@ -174,8 +180,21 @@ def _updated_state(state: State, stats: BatchStatistics, momentum: float | None)
     return {
         "running_mean": updated(state["running_mean"], stats.mean),
         "running_var": updated(state["running_var"], unbiased_variance),
-        "num_batches_tracked": jnp.where(learn, num_batches, state["num_batches_tracked"]),
+        "num_batches_tracked": num_batches,
     }
+
+
+def _check_training(training) -> None:
+    if isinstance(training, (bool, np.bool_)):
+        return
+    if isinstance(training, jax.core.Tracer):
+        hint = (" It is traced: mark it static, e.g. "
+                "jax.jit(f, static_argnames='training').")
+    elif getattr(training, "shape", None) == ():
+        hint = " It is an array: pass a Python bool, e.g. bool(training)."
+    else:
+        hint = ""
+    raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
 
 
 def _check_x(x, axis_name) -> Array:
@@ -192,12 +211,39 @@ def _check_x(x, axis_name) -> Array:
     return jnp.asarray(x)
 
 
-def _check_axis(axis, ndim: int) -> int:
+def _check_axis(axis, shape: tuple[int, ...], axis_name) -> int:
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {axis!r}")
+    ndim = len(shape)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for x of rank {ndim}")
+        hint = ""
+        if axis_name is not None:
+            # The usual case: a per-example jax.vmap, where x has lost its batch axis.
+            hint = ("; under jax.vmap over examples x is one example, without its batch "
+                    "axis: for channels first, as in (C,) or (C, L), pass axis=0")
+        raise ValueError(f"axis {axis} is out of range for x of rank {ndim} "
+                         f"(shape {shape}){hint}")
     return int(axis) % ndim
+
+
+def _check_channels(shape: tuple[int, ...], channel_axis: int, axis: int, params,
+                    state) -> None:
+    """x's channel count against the (C,) vectors of params and state, with a hint at the
+    axis that matches (a channels-last x with the default axis=1 is the common mistake)."""
+    vectors = [(f"{name}[{key!r}]", entries[key]) for name, entries, key in (
+        ("params", params, "weight"), ("state", state, "running_mean"))
+        if isinstance(entries, Mapping) and getattr(entries.get(key), "ndim", None) == 1]
+    if not vectors or vectors[0][1].shape[0] == shape[channel_axis]:
+        return
+    name, vector = vectors[0]
+    channels = vector.shape[0]
+    hint = ""
+    matching = [i for i, size in enumerate(shape) if size == channels]
+    if matching:
+        suggested = -1 if matching[-1] == len(shape) - 1 else matching[-1]
+        hint = f"; axis {suggested} of x has size {channels}: pass axis={suggested}"
+    raise ValueError(f"x has {shape[channel_axis]} channels at axis {axis} (x of shape "
+                     f"{shape}), {name} has {channels}{hint}")
 
 
 def _check_entries(name: str, entries, keys: tuple[str, ...], channels: int) -> None:
@@ -225,20 +271,30 @@ def _check_entries(name: str, entries, keys: tuple[str, ...], channels: int) -> 
                              f"{expected} dtype, got shape {value.shape} {value.dtype}")
 
 
-def _check_eps(eps) -> None:
+def _check_eps(eps, *, positive: bool = False) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float ≥ 0, got {eps!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be ≥ 0, got {eps!r}")
+    if positive and eps == 0:
+        # A constant channel would divide 0 by 0; PyTorch refuses it too.
+        raise ValueError("eps must be positive when the batch's own statistics normalize "
+                         "(training, or eval with state == {}), as in PyTorch; got 0.0")
 
 
-def _check_momentum(momentum) -> None:
+def _check_momentum(momentum, *, warn: bool) -> None:
     if momentum is None:
         return
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if warn and momentum >= 0.9:
+        warnings.warn(
+            f"momentum={momentum} is the weight of the new batch (PyTorch's convention), so "
+            "the running statistics follow the last batch almost entirely. Flax's and "
+            "Haiku's momentum is the weight of the old value: their momentum=0.99 is jbn's "
+            "momentum=0.01.", UserWarning, stacklevel=3)
 
 
 def _check_groups(groups, axis_name) -> tuple[tuple[int, ...], ...] | None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from jbn._stats import Batch, Moments, compute_dtype, moments
+from jbn._stats import Batch, Moments, centered_sums, compute_dtype, moments
 
 
 class BatchStatistics(NamedTuple):
@@ -103,15 +103,11 @@ def _normalize_jvp(batch, eps, primals, tangents):
 
     @jax.checkpoint
     def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
-        # One copy of the shift for the sum and one for ẏ, opaque to XLA: each x − shift then
-        # fuses into its own pass over x, where a shared one would be written to memory.
-        shift_sum, shift_dy = lax.optimization_barrier((m.shift, m.shift))
         dtype = m.shift.dtype
         dx = dx.astype(dtype)
-        centered = x.astype(dtype) - batch.per_channel(shift_sum)
         # ⟨ẋ⟩ and ⟨(x − shift)·ẋ⟩ over the whole batch: one all-reduce.
-        sums = batch.psum(jnp.concatenate([batch.sum(dx, valid), batch.sum(centered * dx, valid)]))
-        mean_dx, mean_centered_dx = jnp.split(sums / jnp.maximum(m.count, 1), 2)
+        sums = centered_sums(x, dx, valid, m, batch)
+        mean_dx, mean_centered_dx = (total / jnp.maximum(m.count, 1) for total in sums)
         mean_xhat_dx = (mean_centered_dx - m.mean_offset * mean_dx) * inv_std
         # ẏ = scale·ẋ + slope·x̂ + intercept, per-channel coefficients:
         scale = inv_std if weight is None else inv_std * weight
@@ -121,7 +117,7 @@ def _normalize_jvp(batch, eps, primals, tangents):
             slope, intercept = slope + dweight, intercept + dbias
         # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
-        centered = x.astype(dtype) - batch.per_channel(shift_dy)
+        centered = x.astype(dtype) - batch.per_channel(m.shift)
         dy = (dx * batch.per_channel(scale) + centered * batch.per_channel(inv_std * slope)
               + batch.per_channel(intercept - m.mean_offset * inv_std * slope))
         dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
@@ -131,13 +127,38 @@ def _normalize_jvp(batch, eps, primals, tangents):
     return (y, _statistics(m)), (dy, dstats)
 
 
+def normalize_with(batch: Batch, eps: float, x: Array, mean: Array, var: Array,
+                   weight: Array | None, bias: Array | None) -> Array:
+    """Normalizes ``x`` with given statistics (eval mode): ``y = (x − mean)·s + b``,
+    ``s = w/√(var + eps)``.
+
+    Centering comes first: ``x − mean`` is exact for data near the mean (Sterbenz), so a
+    channel whose mean is large against its spread loses nothing, where the folded
+    ``x·s + (b − mean·s)`` cancels (error ≈ 2⁻²⁴·|mean|/σ in float32). It is the same single
+    elementwise pass. Computed in the finer of x's and the statistics' precisions, at least
+    float32; ``y`` in ``x.dtype``.
+    """
+    dtype = compute_dtype(jnp.promote_types(x.dtype, mean.dtype))
+    scale = _scale(weight, var.astype(dtype), eps)
+    y = (x.astype(dtype) - batch.per_channel(mean.astype(dtype))) * batch.per_channel(scale)
+    if bias is not None:
+        y = y + batch.per_channel(bias)
+    return y.astype(x.dtype)
+
+
 def fold(weight: Array | None, bias: Array | None, mean: Array, var: Array,
          eps: float) -> tuple[Array, Array]:
     """Eval-mode batch norm as one multiply-add: ``y = x·scale + shift`` with
-    ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine)."""
-    dtype = compute_dtype(mean.dtype)
-    scale = lax.rsqrt(var.astype(dtype) + eps)
-    if weight is not None:
-        scale = scale * weight
+    ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine).
+
+    The form a layer folds into (``jbn.fold_into``); it cancels where ``normalize_with`` does
+    not, for channels whose mean is large against their spread."""
+    scale = _scale(weight, var.astype(compute_dtype(mean.dtype)), eps)
     shift = -mean * scale if bias is None else bias - mean * scale
     return scale, shift
+
+
+def _scale(weight: Array | None, var: Array, eps: float) -> Array:
+    """``w/√(var + eps)``, or ``1/√(var + eps)`` without affine."""
+    scale = lax.rsqrt(var + eps)
+    return scale if weight is None else scale * weight

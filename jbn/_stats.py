@@ -1,30 +1,36 @@
-"""Per-channel batch statistics: masks, shifted moments, cross-device combination.
+"""Per-channel batch statistics: masks, guarded moments, cross-device combination.
 
 This module is the single owner of how jbn computes E[x] and Var[x]. The details it takes
 care of:
 
-* **No cancellation.** Two passes over ``x``. The first takes the mean about ``K``,
-  one value of the data per channel: ``mean = K + ⟨x − K⟩``; ``⟨x − K⟩`` is of the
-  order of the spread, not of the mean. The second sums squared deviations from that mean,
-  ``M2 = Σ ((x − K) − ⟨x − K⟩)²``, a sum of non-negative terms that nothing can cancel,
-  where the textbook ``E[x²] − E[x]²`` loses every digit once the mean is 10⁴× the spread
-  (and a one-pass sum about ``K`` loses digits when ``K`` happens to be an outlier). The
-  mean is kept as a pair: the mean rounded to the compute dtype, as ``shift``, and the
-  remainder below its rounding error, as ``mean_offset``. ``x − shift`` is exact for data
+* **Cheap where it is safe.** The plain sums ``n``, ``Σx``, ``Σx²`` give the mean and
+  ``M2 = Σx² − (Σx)²/n``. That difference cancels when the mean is large against the spread
+  (the textbook ``E[x²] − E[x]²`` loses every digit at mean = 10⁴ σ), but it loses only a
+  factor ``1 + mean²/σ²`` of relative precision, so where every channel has
+  ``mean² ≤ CANCELLATION_BOUND · σ²`` the plain sums are within a few ulps and serve.
+  Sums with no operand but ``x`` are the cheapest reductions there are.
+* **Exact where it is not.** Otherwise (``lax.cond``: only then) a second pass sums about
+  ``K``, the mean of the first pass rounded to the compute dtype: ``Σ (x − K)``,
+  ``Σ (x − K)²``. ``K`` is within a few roundings of the mean, so these are of the order of
+  the spread and nothing cancels. The data decide the branch, not the caller.
+* **The mean as a pair.** ``shift``, the mean rounded to the compute dtype, and
+  ``mean_offset``, the remainder below its rounding error. ``x − shift`` is exact for data
   close to the mean (Sterbenz), so the normalized value ``(x − shift) − mean_offset`` is
-  finer than a mean rounded to the input precision, and a constant channel gives exactly 0.
+  finer than a mean rounded to the input precision. The remainder is formed as a sum over
+  the values divided once, so a constant channel gives exactly 0.
 * **Precision.** Sums accumulate in at least float32, whatever the input dtype.
 * **Masks.** Positions where ``valid`` is False enter neither the sums nor the count.
-* **Several devices, count-weighted.** Each device reduces its own values to
-  ``(n_i, mean_i, M2_i)``; two all-reduces of O(C) values combine them as if all values sat
-  on one device (Chan et al.'s parallel update), a device with no valid values counting for
-  nothing. The first all-reduce gives the total count and a common shift (the count-weighted
-  mean, to input precision); the second sums ``n_i·e_i`` and ``M2_i + n_i·e_i²``, with
-  ``e_i`` each device's mean about the common shift. Since the common shift is within a
-  rounding error of the true mean, the second sum cannot cancel either. One all-reduce of
-  plain sums would need a shift shared by all devices *before* communicating, and no such
-  value is close to the data in general (a running mean starts at 0); averaging E[x] and
-  E[x²] across devices, as single-collective implementations do, cancels as above.
+* **Several devices, count-weighted.** Sums add across devices: one all-reduce carries the
+  count, ``Σx`` and ``Σx²`` of every device (``2C + 1`` values); a device with no valid value
+  adds nothing. Every device then holds the same totals, so all take the same branch, and
+  only the exact path needs a second all-reduce (``2C`` values). The global mean from the
+  first is a shift shared by all devices and close to all the data, which is what a single
+  all-reduce of sums about a shift lacks before it has communicated.
+* **Ensembles.** Under ``jax.vmap`` over independent members, the branch is chosen for all
+  of them together (exact if any member needs it), so ``lax.cond`` stays a branch and does
+  not become a select that computes both.
+* **Derivatives.** ``centered_sums`` gives the per-channel sums the derivative rule needs,
+  ``Σ v`` and ``Σ (x − shift)·v``, by the same two paths and with one all-reduce.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
-from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 
@@ -70,12 +75,13 @@ class Batch:
             v = jnp.where(valid, v, 0)
         return jnp.sum(v, axis=self.reduce_axes)
 
-    def psum(self, v: Array) -> Array:
-        """Σ over the devices of ``axis_name``: one all-reduce (identity on one device)."""
+    def psum(self, *values: Array) -> tuple[Array, ...]:
+        """Σ over the devices of ``axis_name``: one all-reduce of all the values (identity on
+        one device)."""
         if self.axis_name is None:
-            return v
+            return values
         try:
-            return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+            return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
         except NotImplementedError as error:
             if self.axis_index_groups is None:
                 raise
@@ -83,14 +89,22 @@ class Batch:
                              f"(jax.shard_map and jax.vmap have none): {error}") from None
 
 
+# The plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance: their
+# difference Σx² − (Σx)²/n then loses at most a factor 1 + CANCELLATION_BOUND of relative
+# precision (≈ 11 ulps of the variance, a few ulps of y). Chosen by measurement: see README.
+CANCELLATION_BOUND = 10.0
+
+
 class Moments(NamedTuple):
     """Per-channel moments of the valid values: ``mean = shift + mean_offset``,
-    ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel)."""
+    ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel);
+    ``shifted`` tells whether they came from sums about a shift (the exact path)."""
 
     count: Array  # ()
     shift: Array  # (C,): the mean, rounded to the compute dtype
     mean_offset: Array  # (C,): mean − shift, below the rounding error of shift
     m2: Array  # (C,)
+    shifted: Array  # (), bool: whether sums of x must be taken about ``shift``
 
     @property
     def mean(self) -> Array:
@@ -119,40 +133,75 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     Returns:
       Moments in ``compute_dtype(x.dtype)``, the same on every device of the batch.
     """
-    local = _local_moments(x, valid, batch)
-    if batch.axis_name is None:
-        return local
-    return _combined_across_devices(local, batch)
-
-
-def _local_moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     dtype = compute_dtype(x.dtype)
-    count = _count(x.shape, valid, batch, dtype)
-    # K is a constant of the formulas (the mean and M2 do not depend on it), so no derivative
-    # flows through it; a device with no valid value uses 0, so that garbage in masked
-    # positions cannot reach the combination.
-    k = lax.stop_gradient(jnp.where(count > 0, _first_valid_value(x, valid, batch), 0))
-    k = k.astype(dtype)
-    # One copy of K per pass, opaque to XLA: each reduction then reads x and fuses its own
-    # x − K, where a shared x − K would be written to memory and read back twice.
-    k_mean, k_m2 = lax.optimization_barrier((k, k))
-    offset = batch.sum(x.astype(dtype) - batch.per_channel(k_mean), valid) / jnp.maximum(count, 1)
-    deviation = (x.astype(dtype) - batch.per_channel(k_m2)) - batch.per_channel(offset)
-    m2 = batch.sum(jnp.square(deviation), valid)
-    mean = k + offset
-    return Moments(count, mean, (k - mean) + offset, m2)
+    x = x.astype(dtype)
+    local_count = _count(x.shape, valid, batch, dtype)
+    count, sum_x, sum_squares = batch.psum(local_count, batch.sum(x, valid),
+                                           batch.sum(x * x, valid))
+    plain = _moments_about(jnp.zeros_like(sum_x), count, sum_x, sum_squares, False)
+    # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
+    # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
+    # same on every device of the batch, and so is the branch.
+    safe = jnp.all(jnp.abs(plain.shift) <= jnp.sqrt(CANCELLATION_BOUND * plain.variance))
+    safe = _for_every_member(lax.stop_gradient(safe & jnp.all(jnp.isfinite(plain.m2))))
+
+    def about_the_mean():
+        # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x
+        # and fuses its own x − shift, where a shared x − shift would be written to memory.
+        shift = lax.stop_gradient(plain.shift)
+        for_sum, for_squares = lax.optimization_barrier((shift, shift))
+        sums = batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
+                          batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
+        return _moments_about(shift, count, *sums, True)
+
+    return lax.cond(safe, lambda: plain, about_the_mean)
 
 
-def _combined_across_devices(local: Moments, batch: Batch) -> Moments:
-    n_i = local.count
-    totals = batch.psum(jnp.concatenate([n_i[None], n_i * local.mean]))
-    count, weighted_mean_sum = totals[0], totals[1:]
-    common_shift = weighted_mean_sum / jnp.maximum(count, 1)
-    e_i = (local.shift - common_shift) + local.mean_offset  # mean_i − common_shift
-    sums = batch.psum(jnp.concatenate([n_i * e_i, local.m2 + n_i * e_i * e_i]))
-    sum_e, sum_m2 = jnp.split(sums, 2)
-    mean_offset = sum_e / jnp.maximum(count, 1)
-    return Moments(count, common_shift, mean_offset, sum_m2 - sum_e * mean_offset)
+def _moments_about(shift: Array, count: Array, sum_deviations: Array,
+                   sum_squared_deviations: Array, shifted: bool) -> Moments:
+    """Moments from ``Σ (x − shift)`` and ``Σ (x − shift)²`` over ``count`` values."""
+    n = jnp.maximum(count, 1)
+    offset = sum_deviations / n
+    mean = shift + offset
+    # The remainder as a sum over the values, divided once: for a constant channel the sum
+    # of (x − shift) is n·(x − shift) exactly, so this is exactly 0 (and y too), however the
+    # division rounds.
+    mean_offset = ((shift - mean) * n + sum_deviations) / n
+    m2 = jnp.maximum(sum_squared_deviations - sum_deviations * offset, 0)
+    return Moments(count, mean, mean_offset, m2, jnp.asarray(shifted))
+
+
+@jax.custom_batching.custom_vmap
+def _for_every_member(condition: Array) -> Array:
+    """``condition``, which under ``jax.vmap`` holds only if it holds for every member: one
+    branch then serves the whole ensemble, where a batched predicate would turn
+    ``lax.cond`` into a select that computes both."""
+    return condition
+
+
+@_for_every_member.def_vmap
+def _for_every_member_vmap(axis_size, in_batched, condition):
+    del axis_size
+    return (jnp.all(condition) if in_batched[0] else condition), False
+
+
+def centered_sums(x: Array, v: Array, valid: Array | None, m: Moments,
+                  batch: Batch) -> tuple[Array, Array]:
+    """``Σ v`` and ``Σ (x − m.shift)·v`` over ``batch`` (one all-reduce), per channel.
+
+    By the scheme of ``moments``: plain sums ``Σ x·v − shift·Σ v`` where those were safe,
+    sums about the shift otherwise.
+    """
+    x = x.astype(m.shift.dtype)
+
+    def plain():
+        sum_v = batch.sum(v, valid)
+        return sum_v, batch.sum(x * v, valid) - m.shift * sum_v
+
+    def about_the_mean():
+        return batch.sum(v, valid), batch.sum((x - batch.per_channel(m.shift)) * v, valid)
+
+    return batch.psum(*lax.cond(m.shifted, about_the_mean, plain))
 
 
 def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> Array:
@@ -162,23 +211,3 @@ def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> 
     # Axes the mask does not cover (size 1 in ``valid``) multiply the count.
     uncovered = math.prod(shape[i] for i in batch.reduce_axes if valid.shape[i] == 1)
     return jnp.sum(valid, dtype=dtype) * uncovered
-
-
-def _first_valid_value(x: Array, valid: Array | None, batch: Batch) -> Array:
-    """x at the first valid position of the reduced axes, per channel: (C,)."""
-
-    def pick(x, valid):
-        if valid is None:
-            position = [0] * x.ndim
-        else:
-            position = list(jnp.unravel_index(jnp.argmax(valid.reshape(-1)), valid.shape))
-        position[batch.channel_axis] = slice(None)
-        return x[tuple(position)]
-
-    spec = jax.typeof(x).sharding.spec
-    if any(i < len(spec) and spec[i] is not None for i in batch.reduce_axes):
-        # Sharding in types (explicit mesh axes) has no rule for indexing into a sharded
-        # axis; with the axes automatic, XLA picks the value on its device and broadcasts it.
-        channel_spec = spec[batch.channel_axis] if batch.channel_axis < len(spec) else None
-        pick = jax.sharding.auto_axes(pick, out_sharding=P(channel_spec))
-    return pick(x, valid)

@@ -11,6 +11,7 @@ the gathered global results to ``DIR/result_<PROCESS_ID>.npz``.
 import os
 import re
 import sys
+import warnings
 
 # Two devices per process, whatever the parent asked for its own JAX; XLA reads the flag
 # once, when JAX starts.
@@ -56,8 +57,10 @@ def main(coordinator: str, num_processes: int, process_id: int, directory: str) 
             loss, argnums=(0, 1), has_aux=True)(x, params)
         # momentum=1 replaces the running statistics by the batch's: mean and unbiased
         # variance of the valid values of the whole global batch.
-        _, batch_stats = jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS,
-                                       momentum=1.0)
+        with warnings.catch_warnings():  # that momentum is meant here
+            warnings.filterwarnings("ignore", "momentum=1.0", UserWarning)
+            _, batch_stats = jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS,
+                                           momentum=1.0)
         return y, new_state, batch_stats, dx, dparams
 
     run = jax.jit(jax.shard_map(

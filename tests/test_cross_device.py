@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 import reference
+from jbn._stats import Batch, moments
 
 DEVICES = 8
 C, L = 3, 5
@@ -160,6 +161,51 @@ def test_jit_over_a_batch_sharded_array_without_axis_name_equals_unsharded(axis_
     assert_matches(result, whole_batch(mask=UNEVEN))
 
 
+# Every axis divisible by the device count, so that any of them can be sharded.
+SHARDABLE_X = jnp.asarray(RNG.normal(1.5, 2.0, (2 * DEVICES, DEVICES, DEVICES)))
+SPECS = {"batch axis": P("data"), "axis 1": P(None, "data"), "axis 2": P(None, None, "data")}
+
+
+def outputs_and_gradients(params, state, x, axis):
+    def total(params, x):
+        y, new_state = jbn.batchnorm(params, state, x, True, axis=axis)
+        return jnp.sum(jnp.sin(y) * jnp.cos(x)), (y, new_state)
+    (_, (y, new_state)), grads = jax.value_and_grad(total, (0, 1), has_aux=True)(params, x)
+    return y, new_state, grads
+
+
+@functools.cache
+def unsharded(axis):
+    x = SHARDABLE_X if axis == 1 else jnp.moveaxis(SHARDABLE_X, 1, -1)
+    return jax.jit(outputs_and_gradients, static_argnames="axis")(
+        *jbn.init(DEVICES, dtype=jnp.float64), x, axis=axis)
+
+
+@pytest.mark.parametrize("with_set_mesh", [False, True], ids=["no mesh context", "set_mesh"])
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit,
+                                       jax.sharding.AxisType.Auto], ids=["Explicit", "Auto"])
+@pytest.mark.parametrize("axis", [1, -1], ids=["channels first", "channels last"])
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_jit_over_an_array_sharded_on_any_axis_equals_the_unsharded_call(spec, axis, axis_type,
+                                                                         with_set_mesh):
+    params, state = jbn.init(DEVICES, dtype=jnp.float64)
+    x = SHARDABLE_X if axis == 1 else jnp.moveaxis(SHARDABLE_X, 1, -1)
+    expected = unsharded(axis)
+    # jax.make_mesh's default axis type is Explicit: sharding is then part of the types.
+    data_mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(axis_type,))
+    x = jax.device_put(x, NamedSharding(data_mesh, spec))
+    f = jax.jit(outputs_and_gradients, static_argnames="axis")
+    if with_set_mesh:
+        with jax.set_mesh(data_mesh):
+            result = f(params, state, x, axis=axis)
+    else:
+        result = f(params, state, x, axis=axis)
+    assert result[0].sharding.is_equivalent_to(x.sharding, x.ndim)
+    # NumPy, not jnp: eager jnp calls on these outputs need the mesh context.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, **CLOSE),
+                 result, expected)
+
+
 def loss(params, x, mask, axis_name=None):
     y, _ = jbn.batchnorm(params, STATE, x, True, mask=mask, axis_name=axis_name)
     return jnp.sum(jnp.sin(y) * jnp.cos(x))
@@ -213,11 +259,12 @@ def test_constant_channel_over_devices_normalizes_to_exactly_zero():
 
 
 @pytest.mark.parametrize("valid", [0, 1], ids=["no valid value", "one valid value"])
-def test_fewer_than_two_valid_values_leave_the_state_as_it_was_and_y_finite(valid):
+def test_fewer_than_two_valid_values_leave_the_running_statistics_and_count_the_batch(valid):
+    # As PyTorch does with an empty batch: the running statistics stay, the count goes on.
     mask = jnp.zeros((X.shape[0], L), bool).at[3, :valid].set(True)
     y, state = sharded("data", mask=mask, training=True)(PARAMS, STATE, X, mask)
     assert jnp.all(jnp.isfinite(y))
-    assert_matches(state, STATE)
+    assert_matches(state, {**STATE, "num_batches_tracked": STATE["num_batches_tracked"] + 1})
 
 
 def test_one_value_per_channel_across_all_devices_is_an_error():
@@ -240,16 +287,50 @@ def collectives(compiled_text):
     return found
 
 
+def computations(compiled_text):
+    """The text of each computation of optimized HLO, by name; the entry's as "ENTRY"."""
+    found, name = {}, None
+    for line in compiled_text.splitlines():
+        header = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            name = "ENTRY" if header.group(1) else header.group(2)
+            found[name] = []
+        elif name is not None:
+            found[name].append(line)
+    return {name: "\n".join(lines) for name, lines in found.items()}
+
+
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
 @pytest.mark.parametrize("channels", [3, 64])
-def test_training_call_uses_two_all_reduces_of_order_c(mask, channels):
+def test_training_forward_uses_one_all_reduce_and_a_second_only_on_the_exact_path(mask,
+                                                                                  channels):
     x = jnp.ones((DEVICES * 4, channels, L))
     params, state = jbn.init(channels)
     text = sharded("data", mask=mask, training=True)(params, state, x, mask, lower=True)
-    found = collectives(text)
-    # The second all-reduce needs the first one's result, so XLA cannot merge them.
-    assert len(found) == 2, found
-    assert all(op == "all-reduce" and size <= 2 * channels + 1 for op, size in found), found
+    parts = computations(text)
+    # The plain sums: count, Σx and Σx² in one all-reduce, before any branch.
+    assert collectives(parts["ENTRY"]) == [("all-reduce", 2 * channels + 1)]
+    branches = re.findall(r"conditional\(.*branch_computations=\{%(\S+), %(\S+)\}",
+                          parts["ENTRY"])
+    assert len(branches) == 1, branches
+    # The sums about the mean, Σ(x − shift) and Σ(x − shift)², only on the exact path.
+    found = sorted(collectives(parts[name]) for name in branches[0])
+    assert found == [[], [("all-reduce", 2 * channels)]], found
+    assert len(collectives(text)) == 2
+
+
+@pytest.mark.parametrize("mean_over_std, exact_path", [(0.5, False), (3.0, False),
+                                                        (4.0, True), (10.0, True)])
+def test_the_exact_path_runs_exactly_when_a_channel_mean_exceeds_sqrt_10_sigma(mean_over_std,
+                                                                              exact_path):
+    z = RNG.standard_normal((DEVICES * 64, 4))
+    z = (z - z.mean(0)) / z.std(0)  # mean 0 and σ 1 exactly, so the ratio is what is asked
+    x = z.copy()
+    x[:, 2] += mean_over_std
+    shards = jnp.asarray(x.reshape(DEVICES, -1, 4))
+    f = jax.pmap(lambda x: moments(x, None, Batch(2, 1, "devices")).shifted,
+                 axis_name="devices")
+    assert np.all(np.asarray(f(shards)) == exact_path)
 
 
 def test_forward_and_backward_together_communicate_order_c_values():

@@ -1,15 +1,22 @@
 """Bad input is refused at trace time with an error naming the argument and what was seen."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jbn
 
 PARAMS, STATE = jbn.init(3)
 X = jnp.ones((4, 3, 5))
+
+
+def exactly(message):
+    """A pattern for the whole message (JAX may append its traceback note on a new line)."""
+    return "^" + re.escape(message) + r"(\n|$)"
 
 
 def call(params=PARAMS, state=STATE, x=X, training=True, **kwargs):
@@ -19,9 +26,21 @@ def call(params=PARAMS, state=STATE, x=X, training=True, **kwargs):
 BAD_CALLS = {
     "channel count differs from params": (
         dict(x=jnp.ones((4, 5, 2))), ValueError,
-        r"params\['weight'\].*shape \(5,\).*got shape \(3,\)"),
+        exactly("x has 5 channels at axis 1 (x of shape (4, 5, 2)), params['weight'] has 3")),
     "channel count differs from state": (
-        dict(params={}, x=jnp.ones((4, 5, 2))), ValueError, r"state\['running_mean'\].*\(5,\)"),
+        dict(params={}, x=jnp.ones((4, 5, 2))), ValueError,
+        exactly("x has 5 channels at axis 1 (x of shape (4, 5, 2)), state['running_mean'] has 3")),
+    "channels-last x with the default axis": (
+        dict(x=jnp.ones((4, 5, 3))), ValueError,
+        re.escape("x has 5 channels at axis 1 (x of shape (4, 5, 3)), params['weight'] has 3; "
+                  "axis -1 of x has size 3: pass axis=-1")),
+    "channels at another axis": (
+        dict(x=jnp.ones((4, 5, 3, 7)), axis=-1), ValueError,
+        re.escape("x has 7 channels at axis -1 (x of shape (4, 5, 3, 7)), params['weight'] has "
+                  "3; axis 2 of x has size 3: pass axis=2")),
+    "params and state of different sizes": (
+        dict(state=jbn.init(4)[1]), ValueError,
+        r"state\['running_mean'\] must have shape \(3,\).*got shape \(4,\)"),
     "rank 1 without axis_name": (
         dict(x=jnp.ones(3)), ValueError, r"rank ≥ 2.*\(3,\).*axis_name"),
     "integer x": (dict(x=jnp.ones((4, 3), jnp.int32)), TypeError, r"x must be a floating.*int32"),
@@ -30,6 +49,17 @@ BAD_CALLS = {
     "momentum below 0": (dict(momentum=-0.1), ValueError, r"momentum.*-0\.1"),
     "momentum a string": (dict(momentum="0.1"), TypeError, r"momentum.*'0\.1'"),
     "negative eps": (dict(eps=-1e-5), ValueError, r"eps.*≥ 0.*-1e-05"),
+    "zero eps in training": (
+        dict(eps=0.0), ValueError,
+        re.escape("eps must be positive when the batch's own statistics normalize (training, or "
+                  "eval with state == {}), as in PyTorch; got 0.0")),
+    "zero eps in eval without running statistics": (
+        dict(eps=0.0, state={}, training=False), ValueError, r"eps must be positive"),
+    "axis out of range of one example under vmap": (
+        dict(x=jnp.ones(3), axis_name="batch"), ValueError,
+        re.escape("axis 1 is out of range for x of rank 1 (shape (3,)); under jax.vmap over "
+                  "examples x is one example, without its batch axis: for channels first, as "
+                  "in (C,) or (C, L), pass axis=0")),
     "nan eps": (dict(eps=float("nan")), ValueError, r"eps.*nan"),
     "params missing bias": (
         dict(params={"weight": jnp.ones(3)}), ValueError, r"params.*missing \['bias'\]"),
@@ -59,9 +89,16 @@ BAD_CALLS = {
     "eps a bool": (dict(eps=True), TypeError, r"eps must be a float.*True"),
     "axis_index_groups without axis_name": (
         dict(axis_index_groups=[[0, 1]]), ValueError, r"axis_index_groups.*needs axis_name"),
-    "axis out of range": (dict(axis=3), ValueError, r"axis 3 is out of range.*rank 3"),
+    "axis out of range": (
+        dict(axis=3), ValueError,
+        exactly("axis 3 is out of range for x of rank 3 (shape (4, 3, 5))")),
     "axis not an int": (dict(axis=1.0), TypeError, r"axis must be an int.*1\.0"),
-    "training an array": (dict(training=jnp.asarray(True)), TypeError, r"training.*static"),
+    "training an array": (
+        dict(training=jnp.asarray(True)), TypeError,
+        re.escape("training must be a Python bool, got ArrayImpl. It is an array: pass a Python "
+                  "bool, e.g. bool(training).")),
+    "training a NumPy array": (
+        dict(training=np.asarray(True)), TypeError, r"got ndarray.*bool\(training\)"),
     "training a string": (dict(training="yes"), TypeError, r"training must be a Python bool.*str"),
     "mask of floats": (dict(mask=jnp.ones(4)), TypeError, r"mask must be a boolean.*float"),
     "mask of wrong shape": (
@@ -78,6 +115,10 @@ BAD_CALLS = {
 }
 
 
+TRACED_TRAINING = ("training must be a Python bool, got DynamicJaxprTracer. It is traced: mark "
+                   "it static, e.g. jax.jit(f, static_argnames='training').")
+
+
 @pytest.mark.parametrize("kwargs, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 def test_bad_input_is_refused_with_a_clear_error(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -89,7 +130,9 @@ def test_bad_input_is_refused_at_trace_time_under_jit(kwargs, error, message):
     arrays = {k: v for k, v in kwargs.items() if k in ("params", "state", "x", "mask")}
     static = {k: v for k, v in kwargs.items() if k not in arrays}
     if "training" in static and not isinstance(static["training"], (bool, str)):
+        # Under jit an array argument is traced: the hint is then to mark it static.
         arrays["training"] = static.pop("training")
+        message = re.escape(TRACED_TRAINING)
     try:
         hash(tuple(static.values()))
     except TypeError:
@@ -110,3 +153,43 @@ def test_num_features_must_be_positive_int():
 def test_one_value_per_channel_is_fine_in_eval_with_running_statistics():
     y, state = call(x=jnp.ones((1, 3)), training=False)
     assert y.shape == (1, 3) and state is STATE
+
+
+def test_zero_eps_is_fine_in_eval_with_running_statistics_as_in_pytorch():
+    y, state = call(training=False, eps=0.0)
+    expected = (X - STATE["running_mean"][:, None]) / jnp.sqrt(STATE["running_var"][:, None])
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    assert state is STATE
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99, 1.0])
+def test_momentum_of_0_9_or_more_in_training_warns_of_the_convention(momentum):
+    expected = (f"momentum={momentum} is the weight of the new batch (PyTorch's convention), so "
+                "the running statistics follow the last batch almost entirely. Flax's and "
+                "Haiku's momentum is the weight of the old value: their momentum=0.99 is "
+                "jbn's momentum=0.01.")
+    with pytest.warns(UserWarning, match="^" + re.escape(expected) + "$") as caught:
+        call(momentum=momentum)
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller
+    with pytest.warns(UserWarning, match=re.escape(expected)) as caught:
+        f = jax.jit(lambda x: call(x=x, momentum=momentum))
+        f(X)
+        f(X + 1)  # the same trace: no second warning
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=0.5), dict(momentum=None),
+                                    dict(momentum=0.99, training=False),
+                                    dict(momentum=0.99, state={})],
+                         ids=["momentum 0.5", "momentum None", "eval", "no running statistics"])
+def test_no_momentum_warning_where_momentum_is_unused_or_below_0_9(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(**kwargs)
+
+
+def test_momentum_warning_is_silenced_by_the_standard_filters():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+        call(momentum=0.99)

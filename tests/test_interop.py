@@ -487,14 +487,19 @@ def per_channel(v, ndim, axis):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("axis", [1, -1])
-def test_fold_reproduces_eval_mode_bitwise(dtype, affine, axis):
+def test_fold_equals_eval_mode_up_to_the_rounding_of_its_terms(dtype, affine, axis):
     params, state = random_layer(dtype, affine=affine)
     x = jnp.moveaxis(jnp.asarray(torch_input(2, dtype, seed=5).numpy()), 1, axis)
     scale, shift = jbn.fold(params, state, eps=1e-3)
-    folded = x * per_channel(scale, x.ndim, axis) + per_channel(shift, x.ndim, axis)
+    product = x * per_channel(scale, x.ndim, axis)
+    folded = product + per_channel(shift, x.ndim, axis)
     expected, _ = jbn.batchnorm(params, state, x, False, eps=1e-3, axis=axis)
     assert folded.dtype == expected.dtype
-    np.testing.assert_array_equal(folded, expected)
+    # x·s + t rounds at the size of its terms, which exceed y where the mean is large against
+    # the spread (eval mode centers first and does not).
+    terms = np.abs(np.asarray(product)) + np.abs(np.asarray(per_channel(shift, x.ndim, axis)))
+    error = np.abs(np.asarray(folded, np.float64) - np.asarray(expected, np.float64))
+    assert np.all(error <= 4 * np.finfo(dtype).eps * terms)
 
 
 def test_fold_computes_weight_over_root_variance_and_bias_minus_mean_times_scale():

@@ -40,9 +40,9 @@ def assert_state_equal(state, layer):
     assert int(state["num_batches_tracked"]) == int(layer.num_batches_tracked)
 
 
-def step_both(layer, params, state, training, momentum, eps, rng, rank):
+def step_both(layer, params, state, training, momentum, eps, rng, rank, shape=None):
     """One call of each on the same data; compares y and the gradients of Σ y·ct."""
-    x = rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), SHAPES[rank])
+    x = rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), shape or SHAPES[rank])
     ct = rng.normal(size=x.shape)
     layer.train(training)
     tx = torch.from_numpy(x).requires_grad_(True)
@@ -86,3 +86,47 @@ def test_init_matches_torch_initial_state_dict():
     assert state["num_batches_tracked"].dtype == jnp.int32
     assert jbn.init(5, affine=False)[0] == {}
     assert jbn.init(5, track_running_stats=False)[1] == {}
+
+
+EMPTY_SHAPES = {2: (0, 3), 3: (0, 3, 5), 4: (0, 3, 4, 2), 5: (2, 3, 0, 2, 2)}
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_an_empty_batch_counts_but_leaves_the_running_statistics_as_torch(rank, momentum):
+    rng = np.random.default_rng(rank)
+    layer = torch_layer(rank, True, True, momentum, 1e-5, rng)
+    params = jbn_params(layer)
+    _, state = jbn.init(3, dtype=jnp.float64)
+    for shape in (SHAPES[rank], EMPTY_SHAPES[rank], SHAPES[rank]):  # momentum=None counts it
+        state = step_both(layer, params, state, True, momentum, 1e-5, rng, rank, shape)
+
+
+def empty_batch_call(params, state, x, mask=None):
+    def loss(params):
+        y, new_state = jbn.batchnorm(params, state, x, True, mask=mask)
+        return jnp.sum(y), (y, new_state)
+    return jax.grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit", "mask", "vmap"])
+def test_an_empty_batch_gives_empty_y_zero_gradients_and_counts_under_transforms(mode):
+    rng = np.random.default_rng(0)
+    params = {"weight": jnp.asarray(rng.normal(size=3)), "bias": jnp.asarray(rng.normal(size=3))}
+    state = {"running_mean": jnp.asarray(rng.normal(size=3)),
+             "running_var": jnp.asarray(rng.uniform(0.5, 2, 3)),
+             "num_batches_tracked": jnp.asarray(5, jnp.int32)}
+    x = jnp.zeros((0, 3, 4))
+    if mode == "vmap":
+        members = jax.tree.map(lambda v: jnp.stack([v, v]), (params, state))
+        grads, (y, new_state) = jax.vmap(empty_batch_call)(*members, jnp.stack([x, x]))
+        grads, y, new_state = jax.tree.map(lambda v: v[1], (grads, y, new_state))
+    else:
+        call = jax.jit(empty_batch_call) if mode == "jit" else empty_batch_call
+        mask = jnp.zeros((0, 4), bool) if mode == "mask" else None
+        grads, (y, new_state) = call(params, state, x, mask)
+    assert y.shape == x.shape
+    assert all(np.all(np.asarray(g) == 0) for g in grads.values())
+    np.testing.assert_array_equal(new_state["running_mean"], state["running_mean"])
+    np.testing.assert_array_equal(new_state["running_var"], state["running_var"])
+    assert int(new_state["num_batches_tracked"]) == 6

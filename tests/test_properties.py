@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +45,7 @@ def cases(draw):
     )
 
 
+@pytest.mark.filterwarnings("ignore:momentum=0.9 is the weight")
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_matches_float64_reference(case):

@@ -109,6 +109,20 @@ def test_vmap_over_an_ensemble_equals_each_member():
         assert_trees_close(index(grads, i), jax.grad(loss)(xs[i], member, True), rtol=1e-10)
 
 
+def test_vmap_over_an_ensemble_keeps_one_branch_for_every_member():
+    """A member whose channel mean is far from 0 sends the whole ensemble down the exact
+    path, so vmap keeps lax.cond (one branch runs) instead of a select that runs both."""
+    xs = jnp.asarray(RNG.normal(size=(3,) + X.shape)).at[1, :, 0].add(50.0)
+    f = functools.partial(jbn.batchnorm, training=True)
+    ensemble = jax.vmap(f, in_axes=(None, None, 0))
+    assert "cond[" in str(jax.make_jaxpr(ensemble)(PARAMS, STATE, xs))
+    ys, states = ensemble(PARAMS, STATE, xs)
+    for i in range(3):
+        y, state = f(PARAMS, STATE, xs[i])
+        np.testing.assert_allclose(ys[i], y, rtol=1e-12, atol=1e-12)
+        assert_trees_close(index(states, i), state, rtol=1e-12)
+
+
 def test_checkpoint_gives_the_same_gradients():
     g = jax.grad(loss, argnums=(0, 1))(X, PARAMS, True, MASK)
     remat = jax.checkpoint(loss, static_argnums=(2,))
