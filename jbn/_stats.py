@@ -98,13 +98,13 @@ CANCELLATION_BOUND = 10.0
 class Moments(NamedTuple):
     """Per-channel moments of the valid values: ``mean = shift + mean_offset``,
     ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel);
-    ``shifted`` tells whether they came from sums about a shift (the exact path)."""
+    ``exact`` tells whether they came from sums about a shift (the exact path)."""
 
     count: Array  # ()
     shift: Array  # (C,): the mean, rounded to the compute dtype
     mean_offset: Array  # (C,): mean − shift, below the rounding error of shift
     m2: Array  # (C,)
-    shifted: Array  # (), bool: whether sums of x must be taken about ``shift``
+    exact: Array  # (), bool: whether sums of x must be taken about ``shift``
 
     @property
     def mean(self) -> Array:
@@ -138,27 +138,29 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     local_count = _count(x.shape, valid, batch, dtype)
     count, sum_x, sum_squares = batch.psum(local_count, batch.sum(x, valid),
                                            batch.sum(x * x, valid))
-    plain = _moments_about(jnp.zeros_like(sum_x), count, sum_x, sum_squares, False)
+    mean = sum_x / jnp.maximum(count, 1)
+    variance = (sum_squares - sum_x * mean) / jnp.maximum(count, 1)
     # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
     # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
     # same on every device of the batch, and so is the branch.
-    safe = jnp.all(jnp.abs(plain.shift) <= jnp.sqrt(CANCELLATION_BOUND * plain.variance))
-    safe = _for_every_member(lax.stop_gradient(safe & jnp.all(jnp.isfinite(plain.m2))))
+    safe = _for_every_member(lax.stop_gradient(jnp.all(
+        (jnp.abs(mean) <= jnp.sqrt(CANCELLATION_BOUND * variance)) & (variance < jnp.inf))))
+    shift = jnp.where(safe, 0, lax.stop_gradient(mean))
 
     def about_the_mean():
         # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x
         # and fuses its own x − shift, where a shared x − shift would be written to memory.
-        shift = lax.stop_gradient(plain.shift)
         for_sum, for_squares = lax.optimization_barrier((shift, shift))
-        sums = batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
+        return batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
                           batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
-        return _moments_about(shift, count, *sums, True)
 
-    return lax.cond(safe, lambda: plain, about_the_mean)
+    # Only the sums are in the branches: what follows them is compiled once.
+    sums = lax.cond(safe, lambda: (sum_x, sum_squares), about_the_mean)
+    return _moments_about(shift, count, *sums, exact=jnp.logical_not(safe))
 
 
 def _moments_about(shift: Array, count: Array, sum_deviations: Array,
-                   sum_squared_deviations: Array, shifted: bool) -> Moments:
+                   sum_squared_deviations: Array, exact) -> Moments:
     """Moments from ``Σ (x − shift)`` and ``Σ (x − shift)²`` over ``count`` values."""
     n = jnp.maximum(count, 1)
     offset = sum_deviations / n
@@ -168,7 +170,7 @@ def _moments_about(shift: Array, count: Array, sum_deviations: Array,
     # division rounds.
     mean_offset = ((shift - mean) * n + sum_deviations) / n
     m2 = jnp.maximum(sum_squared_deviations - sum_deviations * offset, 0)
-    return Moments(count, mean, mean_offset, m2, jnp.asarray(shifted))
+    return Moments(count, mean, mean_offset, m2, jnp.asarray(exact))
 
 
 @jax.custom_batching.custom_vmap
@@ -193,15 +195,11 @@ def centered_sums(x: Array, v: Array, valid: Array | None, m: Moments,
     sums about the shift otherwise.
     """
     x = x.astype(m.shift.dtype)
-
-    def plain():
-        sum_v = batch.sum(v, valid)
-        return sum_v, batch.sum(x * v, valid) - m.shift * sum_v
-
-    def about_the_mean():
-        return batch.sum(v, valid), batch.sum((x - batch.per_channel(m.shift)) * v, valid)
-
-    return batch.psum(*lax.cond(m.shifted, about_the_mean, plain))
+    sum_v = batch.sum(v, valid)
+    sum_xv = lax.cond(m.exact,
+                      lambda: batch.sum((x - batch.per_channel(m.shift)) * v, valid),
+                      lambda: batch.sum(x * v, valid))
+    return batch.psum(sum_v, jnp.where(m.exact, sum_xv, sum_xv - m.shift * sum_v))
 
 
 def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> Array:

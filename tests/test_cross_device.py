@@ -328,7 +328,7 @@ def test_the_exact_path_runs_exactly_when_a_channel_mean_exceeds_sqrt_10_sigma(m
     x = z.copy()
     x[:, 2] += mean_over_std
     shards = jnp.asarray(x.reshape(DEVICES, -1, 4))
-    f = jax.pmap(lambda x: moments(x, None, Batch(2, 1, "devices")).shifted,
+    f = jax.pmap(lambda x: moments(x, None, Batch(2, 1, "devices")).exact,
                  axis_name="devices")
     assert np.all(np.asarray(f(shards)) == exact_path)
 
