@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: prints the table and writes benchmarks/RESULTS.md."""
+"""``python -m benchmarks``: prints the table; ``--write`` also records it in RESULTS.md."""
 
 from __future__ import annotations
 
@@ -32,18 +32,23 @@ def main(argv: list[str] | None = None) -> harness.Report:
     parser.add_argument("--budget", type=float, default=10.0,
                         help="seconds of timed calls per shape; fast shapes get more calls "
                         "(default: 10)")
-    parser.add_argument("--no-write", action="store_true",
-                        help=f"print only, do not write {RESULTS.name}")
+    parser.add_argument("--write", action="store_true",
+                        help=f"also record the table in benchmarks/{RESULTS.name} (by default "
+                        "the run prints it and changes no file)")
+    parser.add_argument("--compile-reps", type=int, default=harness.COMPILE_REPS,
+                        help="compilations timed per job, their median reported "
+                        f"(default: {harness.COMPILE_REPS})")
     args = parser.parse_args(argv)
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
-    report = harness.run(args.shapes, reps=args.reps, budget=args.budget, log=log)
+    report = harness.run(args.shapes, reps=args.reps, budget=args.budget,
+                         compile_reps=args.compile_reps, log=log)
     text = harness.markdown(report, command)
     print(text)
-    if not args.no_write:
+    if args.write:
         RESULTS.write_text(text)
         log(f"wrote {RESULTS}")
     return report

@@ -33,7 +33,8 @@ LARGE = 2**20  # elements: from here on, times are dominated by memory traffic, 
 MAX_REPS = 2000
 COMPILE_REPS = 7
 TOLERANCE = 1e-3  # peers agree with jbn to this (float32, relative and absolute)
-FLOOR, EVAL = "x + 1", "jbn eval"
+FLOOR, EVAL, EXACT = "x + 1", "jbn eval", "jbn, exact path"
+JAX_PEERS = ("flax", "flax two-pass", "haiku", "equinox")
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class Report:
     evals: dict[tuple[int, ...], Row]  # jbn in eval mode on each shape
     skipped: dict[str, str]  # peer -> why
     machine: dict[str, str]
+    compile_reps: int = COMPILE_REPS
 
     def row(self, shape, mode, peer) -> Row | None:
         return next((r for r in self.rows if (r.shape, r.mode, r.peer) == (shape, mode, peer)),
@@ -67,13 +69,18 @@ class Report:
 
 
 def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: float = 10.0,
-        log: Callable[[str], None] = lambda s: None) -> Report:
+        compile_reps: int = COMPILE_REPS, log: Callable[[str], None] = lambda s: None) -> Report:
     """Times every installed peer on every shape, in both modes.
+
+    Besides the peers, jbn runs once more on the same data with channel 0 moved to a mean of
+    10σ (``EXACT``), which takes its exact path: the cost of a layer whose channel means
+    stay far from 0.
 
     Args:
       shapes: (N, C, ...) shapes of x, channel on axis 1.
       reps: the least number of timed calls per job; more, up to ``budget``.
       budget: seconds of timed calls per shape, all jobs together.
+      compile_reps: compilations timed per job; their median is reported.
       log: called with a line of progress now and then.
     """
     builders, skipped = {}, {}
@@ -84,14 +91,15 @@ def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: f
         except ImportError as error:
             skipped[name] = f"not installed ({error})"
     busy_before = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) / 2
-    report = Report([], {}, {}, skipped, machine())
+    report = Report([], {}, {}, skipped, machine(), compile_reps)
     for shape in shapes:
         shape = tuple(shape)
         log(f"{shape}: building and compiling")
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal(shape, np.float32) * 2 + 0.5)
+        x = jnp.asarray(rng.standard_normal(shape, np.float32) * 2 + 0.5)  # mean 0.25σ
         ct = jnp.asarray(rng.standard_normal(shape, np.float32))
         jobs = {name: build(x, ct) for name, build in builders.items()}
+        jobs[EXACT] = PEERS["jbn"][1](x.at[:, 0].add(10 * 2), ct)
         timed = {(name, mode): getattr(job, mode) for name, job in jobs.items() for mode in MODES}
         timed[FLOOR], timed[EVAL] = _floor_and_eval(x)
         log(f"{shape}: timing")
@@ -103,11 +111,13 @@ def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: f
                 row = Row(shape, mode, name, seconds[name, mode])
                 if job.compile_seconds is not None:
                     row.compile_seconds = float(np.median(
-                        [job.compile_seconds(mode) for _ in range(COMPILE_REPS)]))
+                        [job.compile_seconds(mode) for _ in range(compile_reps)]))
                 if mode == "grad":
                     row.residual_bytes = job.residual_bytes
-                    row.agrees = all(np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE)
-                                     for a, b in zip(_numpy(job.grad()), reference, strict=True))
+                    if name != EXACT:  # other data
+                        row.agrees = all(
+                            np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE)
+                            for a, b in zip(_numpy(job.grad()), reference, strict=True))
                 report.rows.append(row)
         report.floors[shape] = Row(shape, "floor", FLOOR, seconds[FLOOR])
         report.evals[shape] = Row(shape, "eval", EVAL, seconds[EVAL])
@@ -222,12 +232,24 @@ def markdown(report: Report, command: str = "python -m benchmarks") -> str:
         "**copies of x**: the median ÷ that of a jitted `x + 1` on the same array, i.e. in "
         "units of one read plus one write of x, the memory floor of an elementwise pass. "
         f"**compile**: `jax.jit(f).lower(...).compile()` of a fresh function, median of "
-        f"{COMPILE_REPS}. **residuals**: bytes the backward pass keeps from the forward "
+        f"{report.compile_reps}. **residuals**: bytes the backward pass keeps from the forward "
         "(the leaves of the function `jax.vjp` returns; for torch, the tensors autograd "
         "saves), in multiples of x's bytes. **agrees**: y and the three gradients equal "
         f"jbn's to {TOLERANCE:g}.",
         "",
         "## Targets",
+        "",
+        "What jbn aims for, each judged from this run alone. *Fastest JAX peer*: on each "
+        "shape, the fastest of " + ", ".join(JAX_PEERS) + " (PyTorch runs its own kernels, "
+        "not XLA's, and is reported apart). *Speed-up*: that peer's median ÷ jbn's, so above "
+        "1 jbn is faster; the training forward asks for parity (≥ 0.95, within the noise of "
+        "a shared machine) on every shape, the forward+backward for a lead, ≥ 1.25 in "
+        "geometric mean over the shapes and ≥ 1.0 on each. *Copies of x* bounds the time "
+        "against the memory floor on the shapes of ≥ 2²⁰ elements, where memory traffic "
+        "dominates. *Compile time*: jbn's median over shapes ÷ Flax's. The rows without a "
+        "verdict are reported for reading, not targets: PyTorch's speed-ups, and what "
+        f"jbn's exact path costs (`{EXACT}`: the same x with channel 0 at mean 10σ, ÷ jbn on "
+        "x itself).",
         "",
         *_targets(report, shapes),
     ]
@@ -241,6 +263,8 @@ def markdown(report: Report, command: str = "python -m benchmarks") -> str:
               "debiasing counters), which costs O(C).", ""]
     lines += [f"- **{name}**: {' '.join(build.__doc__.split())}"
               for name, (_, build) in PEERS.items() if name not in report.skipped]
+    lines += [f"- **{EXACT}**: jbn again, on the same x with channel 0 moved to a mean of 10σ, "
+              "so that its statistics take the exact path (a second pass, about the mean)."]
     if report.skipped:
         lines += ["", "## Skipped peers", ""]
         lines += [f"- {name}: {why}" for name, why in report.skipped.items()]
@@ -263,7 +287,7 @@ def _mode_table(report: Report, shapes, mode: str) -> list[str]:
             if mode == "grad":
                 held = row.residual_bytes
                 cells += ["n/a" if held is None else f"{held / (math.prod(shape) * 4):.2f}",
-                          "yes" if row.agrees else "**NO**"]
+                          {True: "yes", False: "**NO**", None: "n/a"}[row.agrees]]
             lines.append(_table_line(cells))
     return lines
 
@@ -282,44 +306,65 @@ def _floor_table(report: Report, shapes) -> list[str]:
 
 
 def targets(report: Report, shapes) -> list[tuple[str, str, bool | None]]:
-    """(target, what was measured, whether it is met) for each target of the issue."""
+    """(target, what was measured, whether it is met; None for a figure reported only)."""
     results = []
-    for mode, title in MODES.items():
-        speedups = {}  # shape -> (fastest peer, its median ÷ jbn's)
+
+    def speedups(mode, peers):
+        """shape -> (the fastest of ``peers``, its median ÷ jbn's)."""
+        found = {}
         for shape in shapes:
-            peers = [r for r in report.rows
-                     if (r.shape, r.mode) == (shape, mode) and r.peer != "jbn"]
-            if peers:
-                fastest = min(peers, key=lambda r: r.median)
-                speedups[shape] = (fastest.peer, fastest.median / report.row(
+            rows = [r for r in report.rows if (r.shape, r.mode) == (shape, mode)
+                    and r.peer in peers]
+            if rows:
+                fastest = min(rows, key=lambda r: r.median)
+                found[shape] = (fastest.peer, fastest.median / report.row(
                     shape, mode, "jbn").median)
-        name = title.split(" (")[0].lower()
-        if not speedups:
-            results.append((f"{name}: jbn vs the fastest peer", "no peer installed", None))
+        return found
+
+    def detail(found):
+        return ", ".join(f"{_shape(k)} {p} {s:.2f}×" for k, (p, s) in found.items())
+
+    for mode, worst_bound, mean_bound in (("train", 0.95, None), ("grad", 1.0, 1.25)):
+        name = MODES[mode].split(" (")[0].lower()
+        found = speedups(mode, JAX_PEERS)
+        if not found:
+            results.append((f"{name}: jbn vs the fastest JAX peer", "no JAX peer installed",
+                            None))
             continue
-        geomean = math.exp(np.mean([math.log(s) for _, s in speedups.values()]))
-        detail = ", ".join(f"{_shape(k)} {p} {s:.2f}×" for k, (p, s) in speedups.items())
-        results.append((f"{name}: jbn ≥ 1.5× faster than the fastest peer (geometric mean)",
-                        f"{geomean:.2f}× ({detail})", geomean >= 1.5))
-        worst_shape, (worst_peer, worst) = min(speedups.items(), key=lambda kv: kv[1][1])
-        results.append((f"{name}: no shape slower than the fastest peer",
+        if mean_bound is not None:
+            geomean = math.exp(np.mean([math.log(s) for _, s in found.values()]))
+            results.append((f"{name}: ≥ {mean_bound}× the fastest JAX peer (geometric mean)",
+                            f"{geomean:.2f}× ({detail(found)})", geomean >= mean_bound))
+        worst_shape, (worst_peer, worst) = min(found.items(), key=lambda kv: kv[1][1])
+        results.append((f"{name}: ≥ {worst_bound}× the fastest JAX peer on every shape",
                         f"worst {worst:.2f}× ({_shape(worst_shape)} vs {worst_peer})",
-                        worst >= 1.0))
+                        worst >= worst_bound))
     large = [s for s in shapes if math.prod(s) >= LARGE]
-    for mode, limit in (("grad", 4), ("train", 2)):
-        if large:
-            copies = {s: report.row(s, mode, "jbn").median / report.floors[s].median
-                      for s in large}
-            worst = max(copies.values())
-            detail = ", ".join(f"{_shape(s)} {c:.2f}" for s, c in copies.items())
-            results.append((f"{MODES[mode].split(' (')[0].lower()} ≤ {limit} copies of x "
-                            "(large shapes)", f"worst {worst:.2f} ({detail})", worst <= limit))
-    compiled = [(report.row(s, "grad", "jbn"), report.row(s, "grad", "flax")) for s in shapes]
-    compiled = [(j.compile_seconds, f.compile_seconds) for j, f in compiled if f is not None]
-    if compiled:
-        mine, theirs = (float(np.median(v)) for v in zip(*compiled, strict=True))
-        results.append(("compile time of forward+backward ≤ Flax's (median over shapes)",
-                        f"jbn {mine:.2f} s, flax {theirs:.2f} s", mine <= theirs))
+    if large:
+        copies = {s: report.row(s, "grad", "jbn").median / report.floors[s].median
+                  for s in large}
+        results.append(("forward+backward ≤ 4 copies of x (large shapes)",
+                        f"worst {max(copies.values()):.2f} ("
+                        + ", ".join(f"{_shape(s)} {c:.2f}" for s, c in copies.items()) + ")",
+                        max(copies.values()) <= 4))
+    for mode in MODES:
+        compiled = [(report.row(s, mode, "jbn"), report.row(s, mode, "flax")) for s in shapes]
+        compiled = [(j.compile_seconds, f.compile_seconds) for j, f in compiled if f is not None]
+        if compiled:
+            mine, theirs = (float(np.median(v)) for v in zip(*compiled, strict=True))
+            results.append((f"compile time, {MODES[mode].split(' (')[0].lower()}: ≤ 1.3× "
+                            "Flax's (median over shapes)",
+                            f"jbn {mine:.2f} s, flax {theirs:.2f} s ({mine / theirs:.2f}×)",
+                            mine <= 1.3 * theirs))
+    for mode in MODES:
+        name = MODES[mode].split(" (")[0].lower()
+        found = speedups(mode, ("torch",))
+        if found:
+            results.append((f"{name}: PyTorch's speed-up (reported)", detail(found), None))
+        exact = {s: report.row(s, mode, EXACT).median / report.row(s, mode, "jbn").median
+                 for s in shapes if report.row(s, mode, EXACT) is not None}
+        results.append((f"{name}: the exact path ÷ the plain path (reported)",
+                        ", ".join(f"{_shape(s)} {r:.2f}×" for s, r in exact.items()), None))
     return results
 
 
@@ -327,7 +372,7 @@ def _targets(report: Report, shapes) -> list[str]:
     lines = _table_header(["target", "measured", "met"])
     for target, measured, met in targets(report, shapes):
         lines.append(_table_line([target, measured, {True: "yes", False: "**no**",
-                                                     None: "n/a"}[met]]))
+                                                     None: "—"}[met]]))
     return lines
 
 
