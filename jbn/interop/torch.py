@@ -126,6 +126,159 @@ def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
     return state_dict
 
 
+def from_torch_model(
+    state_dict: Mapping[str, Any],
+    layers: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[dict[str, Params], dict[str, State], dict[str, Any]]:
+    """Every batch norm of a whole model's ``state_dict`` as jbn ``(params, state)``.
+
+    A batch norm is found by its running statistics: each ``P.running_mean`` /
+    ``P.running_var`` / ``P.num_batches_tracked`` key makes ``P`` a layer, converted by
+    ``from_torch(state_dict, "P.")`` (so with or without ``weight``, ``bias`` and
+    ``num_batches_tracked``). That covers ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm``; an
+    ``InstanceNorm`` built with ``track_running_stats=True`` writes the same keys and is
+    found too. A batch norm *without* running statistics writes only ``weight`` and
+    ``bias``, as ``LayerNorm`` and ``GroupNorm`` do, so only the module tells it apart: pass
+    ``layers`` (``options_from_torch(model)[0]``), which also checks each layer against how
+    it was built.
+
+    The results are flat, keyed by module path (``"layer1.0.bn1"``, ``""`` for a model that
+    is itself a batch norm), the names of ``model.named_modules()``: ``params[path]`` and
+    ``state[path]`` are what ``jbn.batchnorm`` takes, and both dicts have every layer, ``{}``
+    for one without affine or running statistics. Being pytrees of arrays, they go to
+    ``jax.grad``, optax and ``jax.tree`` functions as they are.
+
+    Args:
+      state_dict: a model's ``state_dict()``: torch tensors or NumPy arrays.
+      layers: the batch norms, path → ``{"num_features", "affine", "track_running_stats"}``
+        (other keys are ignored); None to find them by their running statistics.
+
+    Returns:
+      ``params``: path → ``{"weight", "bias"}`` or ``{}``; ``state``: path →
+      ``{"running_mean", "running_var", "num_batches_tracked"}`` or ``{}``; ``rest``: every
+      other entry, untouched (the same objects, in their order).
+
+    Raises:
+      TypeError: when ``layers`` is not a mapping.
+      ValueError: as ``from_torch`` for a layer's entries, naming the key; with ``layers``,
+        for a layer whose entries do not match its ``num_features``, ``affine`` or
+        ``track_running_stats``.
+
+    PyTorch: ``model.state_dict()`` read layer by layer; the inverse of ``to_torch_model``.
+    """
+    if layers is not None and not isinstance(layers, Mapping):
+        raise TypeError(f"layers must map each batch norm's path to how it was built, as "
+                        f"options_from_torch(model)[0] does; got {type(layers).__name__}")
+    if layers is None:
+        layers = {}
+        for key in state_dict:
+            for name in _STATE_KEYS:
+                if key == name or key.endswith("." + name):
+                    layers.setdefault(key[: -len(name) - 1] if key != name else "", None)
+    params, state, taken = {}, {}, set()
+    for path, options in layers.items():
+        prefix = f"{path}." if path else ""
+        names = [name for name in (*_PARAM_KEYS, *_STATE_KEYS) if prefix + name in state_dict]
+        taken.update(prefix + name for name in names)
+        params[path], state[path] = from_torch(state_dict, prefix) if names else ({}, {})
+        if options is not None:
+            _check_built_as(path, options, params[path], state[path], names)
+    rest = {key: value for key, value in state_dict.items() if key not in taken}
+    return params, state, rest
+
+
+def to_torch_model(
+    params: Mapping[str, Params], state: Mapping[str, State]
+) -> dict[str, np.ndarray]:
+    """jbn layers keyed by module path as the entries of a whole model's ``state_dict``.
+
+    Each layer's ``to_torch`` entries, under the prefix ``path + "."``, in the order of
+    ``params``. Together with the model's other entries they load with ``strict=True``::
+
+        entries = {**rest, **jbn.to_torch_model(params, state)}
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in entries.items()},
+                              strict=True)
+
+    Args:
+      params: path → ``{"weight", "bias"}`` or ``{}``, as ``from_torch_model`` returns.
+      state: path → the layer's state or ``{}``, for the same paths.
+
+    Returns:
+      Writable NumPy arrays keyed ``"layer1.0.bn1.weight"``..., in PyTorch's dtypes
+      (``num_batches_tracked`` int64).
+
+    Raises:
+      ValueError: when ``params`` and ``state`` name different layers (a layer left out
+        when threading the state), and as ``to_torch`` for a layer, naming its path.
+
+    PyTorch: ``model.state_dict()``; the inverse of ``from_torch_model``.
+    """
+    if set(params) != set(state):
+        raise ValueError(f"params and state must name the same layers; only in params: "
+                         f"{sorted(set(params) - set(state))}, only in state: "
+                         f"{sorted(set(state) - set(params))}")
+    state_dict = {}
+    for path in params:
+        prefix = f"{path}." if path else ""
+        try:
+            entries = to_torch(params[path], state[path])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {path!r}: {error}") from None
+        state_dict.update((prefix + name, value) for name, value in entries.items())
+    return state_dict
+
+
+def options_from_torch(
+    model: Any,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """How each batch norm of a live ``torch.nn.Module`` was built and is called.
+
+    A state_dict holds arrays only: ``momentum`` and ``eps`` are attributes of the modules,
+    and a layer's ``momentum=None`` or ``eps=1e-3`` left out of its ``jbn.batchnorm`` call
+    changes nothing but that layer's running statistics (or its outputs, for ``eps``). This
+    reads them, with ``affine`` and ``track_running_stats``, from every ``BatchNorm{1,2,3}d``
+    and ``SyncBatchNorm`` (subclasses of ``torch.nn.modules.batchnorm._BatchNorm``), by
+    module path. Imports torch.
+
+    Args:
+      model: a ``torch.nn.Module``; lazy batch norms must have run once (to know C).
+
+    Returns:
+      ``(layers, options)``, both keyed by path: ``layers[path]`` is
+      ``{"num_features", "affine", "track_running_stats"}``, the arguments of ``jbn.init``
+      and what ``from_torch_model(..., layers=)`` checks; ``options[path]`` is
+      ``{"momentum", "eps"}``, the keywords of ``jbn.batchnorm``::
+
+          y, new = jbn.batchnorm(params[path], state[path], x, training, **options[path])
+
+    Raises:
+      TypeError: when ``model`` is not a ``torch.nn.Module``.
+      ValueError: for a lazy batch norm that has not run yet.
+
+    PyTorch: ``model.named_modules()`` and each batch norm's attributes.
+    """
+    import torch  # only here: jbn's other functions take tensors without importing torch
+
+    if not isinstance(model, torch.nn.Module):
+        hint = " (the module itself, not its state_dict)" if isinstance(model, Mapping) else ""
+        raise TypeError(f"model must be a torch.nn.Module{hint}, got {type(model).__name__}")
+    layers, options = {}, {}
+    # _BatchNorm is the base of BatchNorm{1,2,3}d, SyncBatchNorm and the lazy ones, and
+    # not of InstanceNorm, whose statistics are per example.
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and (
+                module.has_uninitialized_params()):
+            raise ValueError(f"the lazy batch norm {path!r} does not know its number of "
+                             "features yet: run the model once before reading its options")
+        layers[path] = {"num_features": module.num_features, "affine": module.affine,
+                        "track_running_stats": module.track_running_stats}
+        options[path] = {"momentum": module.momentum, "eps": module.eps}
+    return layers, options
+
+
+
 def _host_array(value) -> np.ndarray:
     """A NumPy copy of ``value``, in its dtype (a torch tensor's too, bfloat16 included)."""
     if hasattr(value, "detach"):  # a torch.Tensor or Parameter: off autograd, onto the host
@@ -134,3 +287,19 @@ def _host_array(value) -> np.ndarray:
         bfloat16 = str(value.dtype) == "torch.bfloat16"
         value = jax.dlpack.from_dlpack(value.contiguous()) if bfloat16 else value.numpy()
     return np.array(value)
+
+
+def _check_built_as(path: str, options: Mapping[str, Any], params: Params, state: State,
+                    names: list[str]) -> None:
+    """Checks a layer's converted entries against the module's ``num_features``, ``affine``
+    and ``track_running_stats``."""
+    for has, option in ((bool(params), "affine"), (bool(state), "track_running_stats")):
+        if has != bool(options[option]):
+            raise ValueError(f"layer {path!r} was built with {option}={options[option]}, but "
+                             f"the state_dict has entries {names} under it")
+    vectors = [*params.values(), *(state[name] for name in ("running_mean", "running_var")
+                                   if name in state)]
+    if vectors and vectors[0].shape != (options["num_features"],):
+        raise ValueError(f"layer {path!r} was built with num_features="
+                         f"{options['num_features']}, but its entries have shape "
+                         f"{vectors[0].shape}")
