@@ -20,8 +20,8 @@ Both train for a few SGD steps in float64 on the same random batches. Per step i
 
 Then eval logits in both on the same weights, and the JAX-trained checkpoint loaded into a
 fresh PyTorch ResNet with ``strict=True``, giving JAX's eval logits. Exits with status 1
-if any check fails. Full size takes under a minute on 2 CPU cores; ``--width 4 --blocks 1
---size 16 --batch 4 --steps 2`` takes seconds.
+if any check fails. Full size takes about a minute on 2 CPU cores; ``--width 4 --blocks 1
+--size 16 --batch 4 --steps 2`` about ten seconds, most of them compiling.
 """
 
 from __future__ import annotations

@@ -70,7 +70,6 @@ class BatchNorm(nnx.Module):
             setattr(self, name, nnx.Param(params[name]) if params else nnx.data(None))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(self, name, nnx.BatchStat(state[name]) if state else nnx.data(None))
-        self.num_features = num_features
         self.use_running_average = use_running_average
 
     def __call__(
