@@ -35,8 +35,8 @@ def stale_layers(before: Any, after: Any) -> list[str]:
     Returns:
       The paths of the stale layers, their keys joined by dots (``"layer1.0.bn1"``;
       ``""`` when ``before`` is one layer's state), in pytree order (dict keys sorted).
-      Empty when every layer advanced. A layer that trained on a masked batch of fewer than
-      2 valid values per channel is stale too (its state is kept as it was).
+      Empty when every layer advanced. Every training call counts a batch, as PyTorch's
+      modules do, even one whose mask leaves its running statistics as they were.
 
     PyTorch: no equivalent; each module there updates its own buffers in place.
     """

@@ -27,9 +27,10 @@ def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Arr
               t = b - \\mathrm{running\\_mean}\\cdot s \\qquad (w = 1,\\ b = 0 \\text{ without
               affine})
 
-    This is the computation ``batchnorm(params, state, x, training=False)`` does, so for
-    ``x`` of the state's dtype ``x * scale + shift`` (scale and shift reshaped to the channel
-    axis) is bitwise its output.
+    ``x * scale + shift`` (scale and shift reshaped to the channel axis) is what
+    ``batchnorm(params, state, x, training=False)`` computes, up to the rounding of its two
+    terms: eval mode subtracts the mean first, so it stays exact where a channel's mean is
+    large against its spread and the folded form cancels.
 
     Args:
       params: ``{"weight", "bias"}`` of shape (C,), or ``{}``.
