@@ -1,8 +1,20 @@
 """jbn: batch normalization for JAX as one pure function, with PyTorch's semantics."""
 
 from jbn._batchnorm import batchnorm, init
-from jbn.interop import fold, fold_into, from_flax, from_torch, to_flax, to_torch
+from jbn._layers import stale_layers
+from jbn.interop import (
+    fold,
+    fold_into,
+    from_flax,
+    from_torch,
+    from_torch_model,
+    options_from_torch,
+    to_flax,
+    to_torch,
+    to_torch_model,
+)
 
-__all__ = ["batchnorm", "fold", "fold_into", "from_flax", "from_torch", "init", "to_flax",
-           "to_torch"]
+__all__ = ["batchnorm", "fold", "fold_into", "from_flax", "from_torch", "from_torch_model",
+           "init", "options_from_torch", "stale_layers", "to_flax", "to_torch",
+           "to_torch_model"]
 __version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""What models of many batch norms share: layer paths, the check that every state was
+threaded, and the keywords a framework layer passes on to ``batchnorm``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbn._batchnorm import batchnorm
+
+# The keywords of batchnorm that a layer fixes when it is built; mask changes with each
+# batch, so the layer takes it per call. Read from the signature, so that a new keyword of
+# batchnorm passes through the layers with no change to them.
+LAYER_KEYWORDS = tuple(name for name, parameter in inspect.signature(batchnorm).parameters.items()
+                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "mask")
+
+
+def stale_layers(before: Any, after: Any) -> list[str]:
+    """The batch norms whose running state a training step did not advance.
+
+    Every ``num_batches_tracked`` in ``before`` must have grown in ``after``, at the same
+    place: a layer whose new state was not threaded back (it still holds, or was left out
+    of, the new state) shows here. Runs on concrete arrays, outside ``jax.jit``.
+
+    Args:
+      before: the states before the step: any pytree of jbn states, such as
+        ``from_torch_model``'s path → state dict or a nested dict mirroring the model.
+      after: the states the step returned.
+
+    Returns:
+      The paths of the stale layers, their keys joined by dots (``"layer1.0.bn1"``;
+      ``""`` when ``before`` is one layer's state), in pytree order (dict keys sorted).
+      Empty when every layer advanced. Every training call counts a batch, as PyTorch's
+      modules do, even one whose mask leaves its running statistics as they were.
+
+    PyTorch: no equivalent; each module there updates its own buffers in place.
+    """
+    advanced = {path: count for path, count in _counts(after)}
+    return [path for path, count in _counts(before)
+            if path not in advanced or not np.all(np.asarray(advanced[path]) > count)]
+
+
+def _counts(states: Any) -> list[tuple[str, np.ndarray]]:
+    """Each layer's path and ``num_batches_tracked``, found by that key."""
+    return [(dotted(keys[:-1]), np.asarray(leaf))
+            for keys, leaf in jax.tree_util.tree_leaves_with_path(states)
+            if getattr(keys[-1], "key", None) == "num_batches_tracked"]
+
+
+def dotted(keys) -> str:
+    """A pytree key path as a module path: ``("layer1", 0, "bn1")`` → ``"layer1.0.bn1"``."""
+    names = (getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))) for key in keys)
+    return ".".join(str(name) for name in names)
+
+
+def layer_keywords(layer: str, keywords: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The ``batchnorm`` keywords given to a layer, checked by name, as hashable pairs (a
+    layer's static configuration must be hashable under ``jax.jit``); their values are
+    checked by ``batchnorm`` itself."""
+    unknown = sorted(set(keywords) - set(LAYER_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{layer} got unexpected keyword arguments {unknown}; it takes the "
+                        f"keywords of jbn.batchnorm {list(LAYER_KEYWORDS)}, and mask per call")
+    return tuple((name, _hashable(keywords[name])) for name in LAYER_KEYWORDS
+                 if name in keywords)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping[str, Any],
+                   states: Mapping[str, Any], states_name: str) -> None:
+    """Checks that ``params``/``states`` (path → jbn dict) cover exactly the ``built``
+    layers (path → their current params and state) with the same keys, shapes and dtypes."""
+    for name, given in (("params", params), (states_name, states)):
+        if set(given) != set(built):
+            raise ValueError(f"{name} must have the paths of the model's batch norms; missing "
+                             f"{sorted(set(built) - set(given))}, unknown "
+                             f"{sorted(set(given) - set(built))}")
+
+    def layout(entries):
+        return {key: f"{jnp.result_type(value)}{list(jnp.shape(value))}"
+                for key, value in entries.items()}
+
+    for path, current in built.items():
+        for name, new, old in zip(("params", states_name), (params[path], states[path]),
+                                  current, strict=True):
+            if layout(new) != layout(old):
+                raise ValueError(f"layer {path!r}: {name} has {layout(new)}, the layer was "
+                                 f"built with {layout(old)}")
