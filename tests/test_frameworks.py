@@ -82,14 +82,14 @@ def test_nnx_layer_is_the_functional_call_in_outputs_state_and_gradients(axis):
     y, new_state, grads, x_grad = functional(layer.params, layer.state, x, mask, axis)
 
     @nnx.jit
-    def gradients(layer, x):
+    def gradients(layer, x, mask):  # mask an argument, as in the reference: the same program
         def loss(layer, x):
             y = layer(x, mask=mask)
             return jnp.sum(y * cotangent_like(x)), y
 
         return nnx.grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
 
-    (layer_grads, layer_x_grad), layer_y = gradients(layer, x)
+    (layer_grads, layer_x_grad), layer_y = gradients(layer, x, mask)
     assert_same(layer_y, y)
     assert_same(layer.state, new_state)  # the update inside nnx.grad reached the layer
     assert_same((layer_grads["weight"][...], layer_grads["bias"][...], layer_x_grad),
@@ -205,13 +205,13 @@ def test_equinox_layer_is_the_functional_call_in_outputs_state_and_gradients(axi
     y, new_state, grads, x_grad = functional(layer.params, layer.layer_state(state), x, mask,
                                              axis)
 
-    def loss(layer_and_x, state):
+    def loss(layer_and_x, state, mask):  # mask an argument, as in the reference
         layer, x = layer_and_x
         y, state = layer(x, state, mask=mask)
         return jnp.sum(y * cotangent_like(x)), (y, state)
 
     (layer_grads, layer_x_grad), (layer_y, state) = eqx.filter_jit(
-        eqx.filter_grad(loss, has_aux=True))((layer, x), state)
+        eqx.filter_grad(loss, has_aux=True))((layer, x), state, mask)
     assert_same(layer_y, y)
     assert_same(layer.layer_state(state), new_state)
     assert_same((layer_grads.weight, layer_grads.bias, layer_x_grad),
