@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -124,6 +125,9 @@ def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Jitted so that an eager call compiles its branches once per shape rather than on every call
+# (lax.cond traces the closures it is given anew); inside a traced function it is inlined.
+@partial(jax.jit, static_argnames="batch")
 def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     """Moments of ``x`` over ``batch``, counting only positions where ``valid`` is True.
 
@@ -190,6 +194,7 @@ def _for_every_member_vmap(axis_size, in_batched, condition):
     return (jnp.all(condition) if in_batched[0] else condition), False
 
 
+@partial(jax.jit, static_argnames="batch")
 def centered_sums(x: Array, v: Array, valid: Array | None, m: Moments,
                   batch: Batch) -> tuple[Array, Array]:
     """``Σ v`` and ``Σ (x − m.shift)·v`` over ``batch`` (one all-reduce), per channel.
