@@ -157,7 +157,15 @@ def batchnorm(
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"of shape {x.shape} over {devices} device(s)"
                          + (" (before masking)" if mask is not None else ""))
-    y, stats = normalize(batch, float(eps), x, valid, params.get("weight"), params.get("bias"))
+    try:
+        y, stats = normalize(batch, float(eps), x, valid, params.get("weight"),
+                             params.get("bias"))
+    except NotImplementedError as error:
+        if batch.axis_index_groups is None:
+            raise
+        # jax.shard_map and jax.vmap refuse groups, once the psum is transformed.
+        raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
+                         f"(jax.shard_map and jax.vmap have none): {error}") from None
     if not training or not state:
         return y, state
     return y, _updated_state(state, jax.lax.stop_gradient(stats), momentum)

@@ -81,13 +81,7 @@ class Batch:
         one device)."""
         if self.axis_name is None:
             return values
-        try:
-            return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
-        except NotImplementedError as error:
-            if self.axis_index_groups is None:
-                raise
-            raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
-                             f"(jax.shard_map and jax.vmap have none): {error}") from None
+        return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
 
 
 # The plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance, i.e.
@@ -145,25 +139,26 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     local_count = _count(x.shape, valid, batch, dtype)
     count, sum_x, sum_squares = batch.psum(local_count, batch.sum(x, valid),
                                            batch.sum(x * x, valid))
-    mean = sum_x / jnp.maximum(count, 1)
-    variance = (sum_squares - sum_x * mean) / jnp.maximum(count, 1)
+    plain = _moments_about(jnp.zeros_like(sum_x), count, sum_x, sum_squares, exact=False)
     # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
     # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
     # same on every device of the batch, and so is the branch.
     safe = _for_every_member(lax.stop_gradient(jnp.all(
-        (jnp.abs(mean) <= jnp.sqrt(CANCELLATION_BOUND * variance)) & (variance < jnp.inf))))
-    shift = jnp.where(safe, 0, lax.stop_gradient(mean))
+        (jnp.abs(plain.shift) <= jnp.sqrt(CANCELLATION_BOUND * plain.variance))
+        & (plain.variance < jnp.inf))))
 
-    def about_the_mean():
-        # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x
-        # and fuses its own x − shift, where a shared x − shift would be written to memory.
+    def about_the_mean(shift):
+        # The shift enters the branch as one value: XLA cannot recompute it in each fusion
+        # that reads it, where an inexact division or a fused multiply-add rounding
+        # differently would cost a constant channel its exact 0. Each reduction gets its
+        # own copy, opaque to XLA: it then reads x and fuses its own x − shift, where a
+        # shared x − shift would be written to memory.
         for_sum, for_squares = lax.optimization_barrier((shift, shift))
-        return batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
+        sums = batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
                           batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
+        return _moments_about(shift, count, *sums, exact=True)
 
-    # Only the sums are in the branches: what follows them is compiled once.
-    sums = lax.cond(safe, lambda: (sum_x, sum_squares), about_the_mean)
-    return _moments_about(shift, count, *sums, exact=jnp.logical_not(safe))
+    return lax.cond(safe, lambda _: plain, about_the_mean, lax.stop_gradient(plain.shift))
 
 
 def _moments_about(shift: Array, count: Array, sum_deviations: Array,
