@@ -29,8 +29,6 @@ care of:
 * **Ensembles.** Under ``jax.vmap`` over independent members, the branch is chosen for all
   of them together (exact if any member needs it), so ``lax.cond`` stays a branch and does
   not become a select that computes both.
-* **Derivatives.** ``centered_sums`` gives the per-channel sums the derivative rule needs,
-  ``Σ v`` and ``Σ (x − shift)·v``, by the same two paths and with one all-reduce.
 """
 
 from __future__ import annotations
@@ -139,26 +137,30 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     local_count = _count(x.shape, valid, batch, dtype)
     count, sum_x, sum_squares = batch.psum(local_count, batch.sum(x, valid),
                                            batch.sum(x * x, valid))
-    plain = _moments_about(jnp.zeros_like(sum_x), count, sum_x, sum_squares, exact=False)
+    mean = sum_x / jnp.maximum(count, 1)
+    variance = (sum_squares - sum_x * mean) / jnp.maximum(count, 1)
     # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
     # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
     # same on every device of the batch, and so is the branch.
     safe = _for_every_member(lax.stop_gradient(jnp.all(
-        (jnp.abs(plain.shift) <= jnp.sqrt(CANCELLATION_BOUND * plain.variance))
-        & (plain.variance < jnp.inf))))
+        (jnp.abs(mean) <= jnp.sqrt(CANCELLATION_BOUND * variance)) & (variance < jnp.inf))))
 
-    def about_the_mean(shift):
-        # The shift enters the branch as one value: XLA cannot recompute it in each fusion
-        # that reads it, where an inexact division or a fused multiply-add rounding
-        # differently would cost a constant channel its exact 0. Each reduction gets its
-        # own copy, opaque to XLA: it then reads x and fuses its own x − shift, where a
-        # shared x − shift would be written to memory.
-        for_sum, for_squares = lax.optimization_barrier((shift, shift))
-        sums = batch.psum(batch.sum(x - batch.per_channel(for_sum), valid),
-                          batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
-        return _moments_about(shift, count, *sums, exact=True)
+    def about_the_mean(mean):
+        # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x and
+        # fuses its own x − shift, where a shared x − shift would be written to memory.
+        for_sum, for_squares = lax.optimization_barrier((mean, mean))
+        return mean, *batch.psum(
+            batch.sum(x - batch.per_channel(for_sum), valid),
+            batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
 
-    return lax.cond(safe, lambda _: plain, about_the_mean, lax.stop_gradient(plain.shift))
+    # The branch returns the shift its sums are about, so that what follows uses that very
+    # value: computed again outside, XLA may round it otherwise (÷n as ×(1/n), a fused
+    # multiply-add), and a constant channel would lose its exact 0.
+    shift, sum_deviations, sum_squared_deviations = lax.cond(
+        safe, lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
+        lax.stop_gradient(mean))
+    return _moments_about(shift, count, sum_deviations, sum_squared_deviations,
+                          exact=jnp.logical_not(safe))
 
 
 def _moments_about(shift: Array, count: Array, sum_deviations: Array,
@@ -187,22 +189,6 @@ def _for_every_member(condition: Array) -> Array:
 def _for_every_member_vmap(axis_size, in_batched, condition):
     del axis_size
     return (jnp.all(condition) if in_batched[0] else condition), False
-
-
-@partial(jax.jit, static_argnames="batch")
-def centered_sums(x: Array, v: Array, valid: Array | None, m: Moments,
-                  batch: Batch) -> tuple[Array, Array]:
-    """``Σ v`` and ``Σ (x − m.shift)·v`` over ``batch`` (one all-reduce), per channel.
-
-    By the scheme of ``moments``: plain sums ``Σ x·v − shift·Σ v`` where those were safe,
-    sums about the shift otherwise.
-    """
-    x = x.astype(m.shift.dtype)
-    sum_v = batch.sum(v, valid)
-    sum_xv = lax.cond(m.exact,
-                      lambda: batch.sum((x - batch.per_channel(m.shift)) * v, valid),
-                      lambda: batch.sum(x * v, valid))
-    return batch.psum(sum_v, jnp.where(m.exact, sum_xv, sum_xv - m.shift * sum_v))
 
 
 def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> Array:
