@@ -1,0 +1,80 @@
+"""The package as a user installs it: typed for type checkers, licensed as declared, its
+version written once."""
+
+import email
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import jbn
+
+ROOT = Path(__file__).resolve().parent.parent
+# A user's file: right calls, and one wrong call a type checker must catch from jbn's
+# annotations (jax and numpy themselves are not analysed, which is slow and not the point).
+USER_FILE = """\
+import jax.numpy as jnp
+
+import jbn
+
+params, state = jbn.init(3)
+y, new_state = jbn.batchnorm(params, state, jnp.ones((4, 3)), True, momentum=None)
+scale, shift = jbn.fold(params, new_state)
+wrong = jbn.init("3")
+"""
+MYPY_CONFIG = """\
+[mypy]
+[mypy-jax.*,jaxlib.*,numpy.*]
+follow_imports = skip
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """jbn built and installed from this checkout, as pip installs it, into a folder."""
+    target = tmp_path_factory.mktemp("site-packages")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True)
+    return target
+
+
+def test_type_checkers_read_the_annotations_of_the_installed_package(installed, tmp_path):
+    (tmp_path / "user.py").write_text(USER_FILE)
+    (tmp_path / "mypy.ini").write_text(MYPY_CONFIG)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--config-file", "mypy.ini",
+         "user.py"], capture_output=True, text=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(installed), "PATH": ""})
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    # Without py.typed, mypy would skip jbn ("missing library stubs or py.typed marker").
+    assert errors == ['user.py:8: error: Argument 1 to "init" has incompatible type "str"; '
+                      'expected "int"  [arg-type]'], done.stdout
+
+
+def test_the_installed_package_has_every_module_and_the_marker(installed):
+    for module in ("__init__.py", "py.typed", "_stats.py", "nnx.py", "equinox.py",
+                   "interop/__init__.py", "interop/torch.py"):
+        assert (installed / "jbn" / module).is_file(), module
+
+
+def test_the_license_file_is_the_declared_apache_2_license(installed):
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text().splitlines()
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in text
+    [dist_info] = installed.glob("jbn-*.dist-info")
+    metadata = email.message_from_string((dist_info / "METADATA").read_text())
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert (dist_info / "licenses" / "LICENSE").read_text() == text
+
+
+def test_the_version_is_written_once_and_installed_as_jbn_version(installed):
+    project = (ROOT / "pyproject.toml").read_text().split("[project]")[1].split("\n[")[0]
+    assert re.search(r'^dynamic = \["version"\]', project, re.MULTILINE), project
+    assert not re.search(r"^version\s*=", project, re.MULTILINE), project
+    [dist_info] = installed.glob("jbn-*.dist-info")
+    metadata = email.message_from_string((dist_info / "METADATA").read_text())
+    assert metadata["Version"] == jbn.__version__
