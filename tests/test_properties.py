@@ -1,5 +1,6 @@
 """Random shapes, channel axes, masks and dtypes against the NumPy float64 reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,7 +61,10 @@ def test_matches_float64_reference(case):
     x = jnp.asarray(case["x"], case["dtype"])
     kwargs = dict(momentum=case["momentum"], axis=case["axis"], mask=case["mask"])
 
-    y, new_state = jbn.batchnorm(params, state, x, case["training"], **kwargs)
+    # Jitted: one compilation per example, where eager calls compile each operation anew for
+    # every new shape (what jit and eager agree on is tested elsewhere).
+    call = jax.jit(jbn.batchnorm, static_argnames=("training", "momentum", "axis"))
+    y, new_state = call(params, state, x, case["training"], **kwargs)
     expected_y, expected_state = reference.batchnorm(
         params, state, np.asarray(x.astype(jnp.float64)), case["training"], **kwargs)
 
