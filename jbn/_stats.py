@@ -100,7 +100,7 @@ class Moments(NamedTuple):
     shift: Array  # (C,): the mean, rounded to the compute dtype
     mean_offset: Array  # (C,): mean − shift, below the rounding error of shift
     m2: Array  # (C,)
-    exact: Array  # (), bool: whether sums of x must be taken about ``shift``
+    exact: Array  # (), bool: whether the exact path ran (for tests and measurements)
 
     @property
     def mean(self) -> Array:
