@@ -293,3 +293,38 @@ def test_bad_renorm_and_virtual_batch_size_are_refused_naming_the_argument(case)
     with pytest.raises(error, match=message):
         jbn.batchnorm(call.pop("params"), call.pop("state"), call.pop("x"), call.pop("training"),
                       **call)
+
+
+def test_recalibration_averages_the_batch_means_and_unbiased_variances():
+    """A fresh state and momentum=None over K batches: each batch weighs 1/K."""
+    batches = [RNG.normal(3.0, 2.0, (6, C)) for _ in range(3)]
+    masks = [None, None, np.arange(6) < 4]  # the last batch: 4 valid examples
+    trained = {**STATE, "num_batches_tracked": jnp.asarray(500, jnp.int32)}
+    state = jbn.reset_running_stats(trained)
+    step = jax.jit(lambda s, x, m: jbn.batchnorm(PARAMS, s, x, True, mask=m, momentum=None)[1])
+    for x, mask in zip(batches, masks, strict=True):
+        state = step(state, jnp.asarray(x), mask if mask is None else jnp.asarray(mask))
+    valid = [x if mask is None else x[mask] for x, mask in zip(batches, masks, strict=True)]
+    np.testing.assert_allclose(state["running_mean"], np.mean([v.mean(0) for v in valid], 0),
+                               rtol=1e-14)
+    np.testing.assert_allclose(state["running_var"],
+                               np.mean([v.var(0, ddof=1) for v in valid], 0), rtol=1e-14)
+    assert int(state["num_batches_tracked"]) == 3
+    # Batches of equal counts: the mean is that of all their values.
+    state = jbn.reset_running_stats(trained)
+    for x in batches:
+        state = step(state, jnp.asarray(x), None)
+    np.testing.assert_allclose(state["running_mean"], np.concatenate(batches).mean(0),
+                               rtol=1e-14)
+
+
+def test_reset_running_stats_restores_every_layer_of_a_tree_and_keeps_its_dtypes():
+    _, layer32 = jbn.init(2)
+    _, layer64 = jbn.init(3, dtype=jnp.float64)
+    trained = jax.tree.map(lambda v: v + 7, {"blocks": [layer32, {}], "head": layer64})
+    fresh = jbn.reset_running_stats(trained)
+    expected = {"blocks": [layer32, {}], "head": layer64}
+    assert jax.tree.structure(fresh) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(fresh), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert int(trained["head"]["num_batches_tracked"]) == 7  # the input is left as it was
