@@ -231,12 +231,11 @@ def test_vmap_over_an_ensemble_with_its_own_renorm_limits_equals_each_member():
     members = 3
     xs = jnp.asarray(RNG.normal(2.0, 1.5, (members,) + X.shape))
     limits = (jnp.asarray([1.0, 2.0, 4.0]), jnp.asarray([0.0, 0.5, 3.0]))
-    f = functools.partial(jbn.batchnorm, training=True, mask=MASK, virtual_batch_size=4)
-    ys, states = jax.jit(jax.vmap(lambda x, limits: f(PARAMS, STATE, x, renorm=limits)))(
-        xs, limits)
+    f = jax.jit(lambda x, limits: jbn.batchnorm(PARAMS, STATE, x, True, mask=MASK,
+                                                renorm=limits, virtual_batch_size=4))
+    ys, states = jax.jit(jax.vmap(f))(xs, limits)
     for i in range(members):
-        member_limits = (float(limits[0][i]), float(limits[1][i]))
-        y, state = f(PARAMS, STATE, xs[i], renorm=member_limits)
+        y, state = f(xs[i], (limits[0][i], limits[1][i]))
         member = jax.tree.map(functools.partial(jnp.take, indices=i, axis=0), (ys, states))
         assert_trees_close(member, (y, state), 1e-13)
 
@@ -247,6 +246,12 @@ def test_eval_with_running_statistics_ignores_renorm_and_virtual_batch_size():
     expected_y, _ = reference.batchnorm(PARAMS, STATE, x, False)
     np.testing.assert_allclose(y, expected_y, rtol=0, atol=1e-14)
     assert state is STATE
+
+
+def test_an_empty_batch_in_ghost_groups_with_renorm_counts_and_keeps_the_statistics():
+    y, state = jbn.batchnorm(PARAMS, STATE, X[:0], True, renorm=LIMITS, virtual_batch_size=4)
+    assert y.shape == X[:0].shape
+    assert_state_matches(state, {**STATE, "num_batches_tracked": 4}, atol=0)
 
 
 BAD_CALLS = {
@@ -328,3 +333,24 @@ def test_reset_running_stats_restores_every_layer_of_a_tree_and_keeps_its_dtypes
     for got, want in zip(jax.tree.leaves(fresh), jax.tree.leaves(expected), strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert int(trained["head"]["num_batches_tracked"]) == 7  # the input is left as it was
+
+
+def test_framework_layers_pass_renorm_and_virtual_batch_size_on():
+    import equinox as eqx
+
+    import jbn.equinox
+    import jbn.nnx
+
+    options = dict(renorm=LIMITS, virtual_batch_size=4)
+    params, state = jbn.init(C, dtype=jnp.float64)
+    expected, _ = jbn.batchnorm(params, state, X, True, **options)
+    nnx_layer = jbn.nnx.BatchNorm(C, dtype=jnp.float64, **options)
+    eqx_layer, eqx_state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(
+        C, dtype=jnp.float64, **options)
+    np.testing.assert_array_equal(nnx_layer(X), expected)
+    np.testing.assert_array_equal(eqx_layer(X, eqx_state)[0], expected)
+    # Eval with running statistics: 7 examples, which no group of 4 divides.
+    nnx_layer.eval()
+    np.testing.assert_array_equal(nnx_layer(X[:7]), jbn.batchnorm(
+        params, {**state, "running_mean": nnx_layer.running_mean[...],
+                 "running_var": nnx_layer.running_var[...]}, X[:7], False)[0])
