@@ -15,6 +15,13 @@ The batches are padded to one size and masked, rather than cut short: the paddin
 neither the loss nor the batch statistics, and every step has the same shapes, so the step
 compiles once.
 
+After each epoch the running statistics are also recalibrated (``recalibrate``): computed
+anew for the current weights, where the exponential average lags behind them. Training
+does not depend on the running statistics, so only the eval accuracy changes. With
+PyTorch's momentum of 0.1 the lag is small here (epoch 1: 95.33% against 95.78%
+recalibrated); with ``--momentum 0.01``, Flax's default of 0.99 carried over, it is large
+(epoch 1: 83.78% against 95.78%, epoch 3: 90.00% against 97.33%).
+
 Run ``python examples/train.py``: 15 epochs, about 98% test accuracy, a few seconds on
 two CPU cores. The functions here are reused by ``data_parallel.py``.
 """
@@ -82,7 +89,8 @@ def _he_normal(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
     return jax.random.normal(key, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
 
 
-def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None):
+def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None,
+                momentum=0.1):
     """Logits of the MLP, and its new batch-norm state.
 
     Args:
@@ -93,6 +101,8 @@ def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None):
       mask: (N,) bool, False for padding examples, which the statistics then ignore.
       axis_name: the mapped axis over which the batch is split, if any: the statistics
         are then those of the whole batch across devices.
+      momentum: of the running statistics; None for their cumulative average
+        (``recalibrate``).
 
     Returns:
       ``(logits (N, 10), new_state)``.
@@ -100,13 +110,13 @@ def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None):
     new_state = []
     for layer, bn_state in zip(params["hidden"], state, strict=True):
         x, bn_state = jbn.batchnorm(layer["bn"], bn_state, x @ layer["w"], training,
-                                    mask=mask, axis_name=axis_name)
+                                    mask=mask, axis_name=axis_name, momentum=momentum)
         x = jax.nn.relu(x)
         new_state.append(bn_state)
     return x @ params["out"]["w"] + params["out"]["b"], new_state
 
 
-def loss_fn(params, state, x, labels, mask, *, axis_name=None):
+def loss_fn(params, state, x, labels, mask, *, axis_name=None, momentum=0.1):
     """Mean cross-entropy over the valid examples of the (whole) batch, in training mode.
 
     With ``axis_name``, this device's share of it: the sum over its examples divided by the
@@ -115,7 +125,8 @@ def loss_fn(params, state, x, labels, mask, *, axis_name=None):
     Returns:
       ``(loss, new_state)``, for ``jax.value_and_grad(..., has_aux=True)``.
     """
-    logits, new_state = apply_model(params, state, x, True, mask=mask, axis_name=axis_name)
+    logits, new_state = apply_model(params, state, x, True, mask=mask, axis_name=axis_name,
+                                    momentum=momentum)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.sum(mask)
     if axis_name is not None:
@@ -128,7 +139,7 @@ def make_optimizer() -> optax.GradientTransformation:
     return optax.sgd(LEARNING_RATE, momentum=0.9)
 
 
-def make_train_step(optimizer: optax.GradientTransformation):
+def make_train_step(optimizer: optax.GradientTransformation, momentum: float = 0.1):
     """One jitted step on one device: gradients of ``loss_fn``, then the optimizer update.
 
     Returns:
@@ -138,7 +149,7 @@ def make_train_step(optimizer: optax.GradientTransformation):
     @jax.jit
     def step(params, state, opt_state, x, labels, mask):
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels, mask)
+            params, state, x, labels, mask, momentum=momentum)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), state, opt_state, loss
 
@@ -155,6 +166,31 @@ def evaluate(params, state, x, labels, training: bool = False):
     logits, _ = apply_model(params, state, x, training)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+@jax.jit
+def _statistics_step(params, state, x, mask):
+    return apply_model(params, state, x, True, mask=mask, momentum=None)[1]
+
+
+def recalibrate(params, state, data: Data, batch_size: int, epoch: int):
+    """Running statistics of the current weights: one pass over the training set.
+
+    During training the running statistics are an exponential average over the batches of
+    weights that kept changing, so they lag behind the model. Recalibration (PreciseBN;
+    Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm") recomputes them with the weights
+    fixed: fresh statistics, then each batch in training mode with ``momentum=None``, the
+    cumulative average. Every layer's running mean is then the mean of its batch means,
+    and its running variance the mean of its batches' unbiased variances (batches of
+    nearly equal counts here: 61 or 62 examples, padded to ``batch_size``).
+
+    Returns:
+      The recalibrated state, for evaluation; training goes on with its own.
+    """
+    state = jbn.reset_running_stats(state)
+    for indices, mask in epoch_batches(len(data.y_train), batch_size, epoch):
+        state = _statistics_step(params, state, data.x_train[indices], mask)
+    return state
 
 
 def epoch_batches(num_examples: int, batch_size: int, epoch: int, seed: int = SEED):
@@ -187,13 +223,16 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--momentum", type=float, default=0.1,
+                        help="of the running statistics, PyTorch's convention (Flax's 0.99 "
+                             "is 0.01)")
     args = parser.parse_args(argv)
 
     data = load_data()
     params, state = init_model(jax.random.key(SEED))
     optimizer = make_optimizer()
     opt_state = optimizer.init(params)
-    step = make_train_step(optimizer)
+    step = make_train_step(optimizer, args.momentum)
     print(f"digits: {len(data.y_train)} train, {len(data.y_test)} test; "
           f"MLP {LAYER_SIZES}, batch {args.batch_size}, {jax.devices()[0].platform}")
     start = time.perf_counter()
@@ -201,11 +240,15 @@ def main(argv=None) -> float:
         params, state, opt_state, train_loss = run_epoch(
             step, params, state, opt_state, data, epoch, args.batch_size)
         test_loss, accuracy = evaluate(params, state, data.x_test, data.y_test)
+        recalibrated = recalibrate(params, state, data, args.batch_size, epoch)
+        _, recalibrated_accuracy = evaluate(params, recalibrated, data.x_test, data.y_test)
         print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {float(test_loss):.4f}"
-              f"  test accuracy {float(accuracy):.2%}  ({time.perf_counter() - start:.1f} s)")
+              f"  test accuracy {float(accuracy):.2%}  recalibrated "
+              f"{float(recalibrated_accuracy):.2%}  ({time.perf_counter() - start:.1f} s)")
     _, batch_accuracy = evaluate(params, state, data.x_test, data.y_test, training=True)
-    print(f"final test accuracy: {float(accuracy):.2%} (normalizing the test set with its "
-          f"own batch statistics instead: {float(batch_accuracy):.2%})")
+    print(f"final test accuracy: {float(accuracy):.2%} (with recalibrated running statistics: "
+          f"{float(recalibrated_accuracy):.2%}; normalizing the test set with its own batch "
+          f"statistics instead: {float(batch_accuracy):.2%})")
     return float(accuracy)
 
 

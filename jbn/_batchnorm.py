@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
-from jbn._normalize import BatchStatistics, normalize, normalize_with
-from jbn._stats import Batch
+from jbn._normalize import Renorm, normalize, normalize_with
+from jbn._stats import Batch, Estimate, population_estimate
 
 Params = dict[str, Array]
 State = dict[str, Array]
@@ -77,6 +77,8 @@ def batchnorm(
     mask: Array | None = None,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    renorm: tuple[ArrayLike, ArrayLike] | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, State]:
     """Batch normalization, per channel, as a pure function.
 
@@ -96,6 +98,21 @@ def batchnorm(
 
     The state comes back unchanged whenever it is not updated.
 
+    Two variants change how batch statistics normalize; eval with running statistics is as
+    above:
+
+    * ``renorm=(rmax, dmax)``: batch renormalization (Ioffe 2017, arXiv:1702.03275,
+      Algorithm 1), ``y = (x̂·r + d)·w + b`` with ``r = clip(σ_B/σ, 1/rmax, rmax)``,
+      ``d = clip((μ_B − μ)/σ, −dmax, dmax)``, ``σ_B = √(Var[x] + eps)``, ``μ_B = E[x]``,
+      ``μ`` and ``σ = √(running_var + eps)`` the running statistics before this batch's
+      update, which is the plain one; r and d are constants to the derivative.
+    * ``virtual_batch_size=k``: ghost batch norm (Hoffer et al. 2017, arXiv:1705.08741):
+      every group of k consecutive examples along axis 0 is normalized with its own
+      statistics, as if alone. A training call updates the running statistics once, with
+      the mean of all valid values and the pooled within-group variance
+      ``Σ M2_g / Σ (n_g − 1)`` (for groups of equal counts: the mean of the groups' unbiased
+      variances), and counts one batch.
+
     Args:
       params: ``{"weight", "bias"}`` of shape (C,), or ``{}`` (no affine transform).
       state: ``{"running_mean", "running_var"}`` of shape (C,) and an integer scalar
@@ -112,13 +129,23 @@ def batchnorm(
       axis_name: name(s) of mapped axes (``jax.pmap``, ``jax.shard_map``, ``jax.vmap``)
         whose devices or examples share the statistics (synchronized batch norm).
       axis_index_groups: as in ``lax.psum`` (pmap): each group has its own statistics.
+      renorm: None, or ``(rmax, dmax)``, scalars (Python numbers or arrays, which may be
+        traced: a schedule under ``jax.jit`` does not recompile) with ``rmax ≥ 1`` and
+        ``dmax ≥ 0``; ``(1, 0)`` is plain batch norm. Needs running statistics; in eval mode
+        with them it changes nothing.
+      virtual_batch_size: None, or k, a positive int dividing ``x.shape[0]`` where batch
+        statistics normalize (ignored in eval with running statistics); axis 0 must be the
+        batch axis, not the channel axis. With ``axis_name``, groups lie within each
+        device's slice and the running statistics learn from the groups of every device.
 
     Returns:
       ``y`` (shape and dtype of ``x``) and the new state.
 
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong type, shape, dtype or
-        range, and when training with exactly one value per channel.
+        range, and when training with exactly one value per channel (per ghost group), for
+        ``renorm`` without running statistics, and for a ``virtual_batch_size`` that does not
+        divide the batch.
 
     Warns:
       UserWarning: for ``momentum ≥ 0.9`` in training with running statistics, which is
@@ -133,6 +160,7 @@ def batchnorm(
 
     PyTorch: ``torch.nn.BatchNorm{1,2,3}d`` and ``torch.nn.functional.batch_norm``
     (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).
+    PyTorch has neither variant; Keras 2 had both (``renorm``, ``virtual_batch_size``).
     """
     _check_training(training)
     x = _check_x(x, axis_name)
@@ -144,7 +172,11 @@ def batchnorm(
     _check_momentum(momentum, warn=training and bool(state))
     batch_statistics = training or not state
     _check_eps(eps, positive=batch_statistics)
-    batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups, axis_name))
+    limits = _check_renorm(renorm, state)
+    group_size = _check_virtual_batch_size(virtual_batch_size, x.shape, channel_axis,
+                                           batch_statistics)
+    batch = Batch(x.ndim, channel_axis, axis_name, _check_groups(axis_index_groups, axis_name),
+                  group_size)
     devices = _devices_per_batch(batch)
     valid = _check_mask(mask, x.shape, channel_axis)
 
@@ -153,41 +185,46 @@ def batchnorm(
                            params.get("weight"), params.get("bias"))
         return y, state
 
-    if devices * math.prod(x.shape[i] for i in batch.reduce_axes) == 1:
+    if group_size is not None:
+        if group_size * math.prod(x.shape[i] for i in batch.reduce_axes if i != 0) == 1:
+            raise ValueError(f"Expected more than 1 value per channel in each ghost batch, "
+                             f"got virtual_batch_size={group_size} for input of shape {x.shape}")
+    elif devices * math.prod(x.shape[i] for i in batch.reduce_axes) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"of shape {x.shape} over {devices} device(s)"
                          + (" (before masking)" if mask is not None else ""))
+    renormalization = None if limits is None else Renorm(
+        state["running_mean"], state["running_var"], *limits)
     try:
         y, stats = normalize(batch, float(eps), x, valid, params.get("weight"),
-                             params.get("bias"))
+                             params.get("bias"), renormalization)
+        if training and state:
+            estimate = population_estimate(jax.lax.stop_gradient(stats), batch)
+            state = _updated_state(state, estimate, momentum)
     except NotImplementedError as error:
         if batch.axis_index_groups is None:
             raise
         # jax.shard_map and jax.vmap refuse groups, once the psum is transformed.
         raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
                          f"(jax.shard_map and jax.vmap have none): {error}") from None
-    if not training or not state:
-        return y, state
-    return y, _updated_state(state, jax.lax.stop_gradient(stats), momentum)
+    return y, state
 
 
-def _updated_state(state: State, stats: BatchStatistics, momentum: float | None) -> State:
+def _updated_state(state: State, estimate: Estimate, momentum: float | None) -> State:
     # Every training call counts, as PyTorch's module counts before it looks at the batch (an
     # empty batch too); the running statistics learn only from 2 or more valid values: with
     # fewer (an empty batch, or a mask known only at run time) the unbiased variance would be
     # inf or nan, so they stay as they were.
     num_batches = state["num_batches_tracked"] + 1
-    factor = 1 / num_batches.astype(stats.mean.dtype) if momentum is None else momentum
-    unbiased_variance = stats.variance * stats.count / (stats.count - 1)
-    learn = stats.count > 1
+    factor = 1 / num_batches.astype(estimate.mean.dtype) if momentum is None else momentum
 
     def updated(running, batch_value):
         new = (1 - factor) * running + factor * batch_value
-        return jnp.where(learn, new, running).astype(running.dtype)
+        return jnp.where(estimate.informative, new, running).astype(running.dtype)
 
     return {
-        "running_mean": updated(state["running_mean"], stats.mean),
-        "running_var": updated(state["running_var"], unbiased_variance),
+        "running_mean": updated(state["running_mean"], estimate.mean),
+        "running_var": updated(state["running_var"], estimate.variance),
         "num_batches_tracked": num_batches,
     }
 
@@ -303,6 +340,54 @@ def _check_momentum(momentum, *, warn: bool) -> None:
             "the running statistics follow the last batch almost entirely. Flax's and "
             "Haiku's momentum is the weight of the old value: their momentum=0.99 is jbn's "
             "momentum=0.01.", UserWarning, stacklevel=3)
+
+
+def _check_renorm(renorm, state) -> tuple[Array, Array] | None:
+    """(rmax, dmax) as scalar arrays; their values are checked where they are concrete (a
+    traced schedule is not)."""
+    if renorm is None:
+        return None
+    if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}")
+    if not state:
+        raise ValueError("renorm corrects the batch statistics towards the running "
+                         "statistics, and state is {} (track_running_stats=False): pass a "
+                         "state with running statistics, or renorm=None")
+    limits = []
+    for name, value, least in zip(("rmax", "dmax"), renorm, (1, 0), strict=True):
+        dtype = getattr(value, "dtype", None)
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+                dtype is not None and jnp.issubdtype(dtype, jnp.number)
+                and not jnp.issubdtype(dtype, jnp.complexfloating))):
+            raise TypeError(f"renorm's {name} must be a real number or a real scalar array, "
+                            f"got {value!r}")
+        if jnp.shape(value) != ():
+            raise ValueError(f"renorm's {name} must be a scalar, got shape {jnp.shape(value)}")
+        if not isinstance(value, jax.core.Tracer) and not float(value) >= least:
+            raise ValueError(f"renorm's {name} must be ≥ {least}, got {float(value)}")
+        limits.append(jnp.asarray(value))
+    return limits[0], limits[1]
+
+
+def _check_virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
+                              batch_statistics: bool) -> int | None:
+    """The ghost batch size, where batch statistics normalize; None otherwise."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be an int or None, got {size!r}")
+    if size <= 0:
+        raise ValueError(f"virtual_batch_size must be positive, got {size}")
+    if not batch_statistics:
+        return None
+    if channel_axis == 0:
+        raise ValueError(f"virtual_batch_size groups the examples of axis 0, and x (shape "
+                         f"{shape}) has its channels there; under a per-example jax.vmap, x "
+                         "has no batch axis to group")
+    if shape[0] % size:
+        raise ValueError(f"virtual_batch_size {size} must divide the batch: x has "
+                         f"{shape[0]} examples on axis 0 (shape {shape})")
+    return int(size)
 
 
 def _check_groups(groups, axis_name) -> tuple[tuple[int, ...], ...] | None:

@@ -45,6 +45,40 @@ def stale_layers(before: Any, after: Any) -> list[str]:
             if path not in advanced or not np.all(np.asarray(advanced[path]) > count)]
 
 
+def reset_running_stats(states: Any) -> Any:
+    """Every batch norm's running state as ``jbn.init`` makes it, for recalibration.
+
+    ``running_mean`` zeros, ``running_var`` ones, ``num_batches_tracked`` 0, each with its
+    dtype; any other leaf is returned as it is. With the weights fixed, K training-mode calls
+    with ``momentum=None`` from this state then give the cumulative average of the K batches'
+    statistics (PreciseBN; Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
+    arXiv:2105.07576): ``running_mean = (1/K) Σ mean_b``, ``running_var = (1/K) Σ s²_b``, each
+    ``s²_b`` the batch's unbiased variance. For batches of equal counts the mean is that of
+    all their values, and the variance the pooled within-batch variance. Each batch weighs
+    1/K whatever its count (unequal sizes, masks). A batch with fewer than 2 valid values
+    counts but adds no statistics: its share goes to the batches before it (to the fresh
+    0 and 1 if it comes first).
+
+    Args:
+      states: one layer's state or any pytree of them, such as ``from_torch_model``'s
+        path → state dict or a nested dict mirroring the model; ``{}`` stays ``{}``.
+
+    Returns:
+      The same structure with fresh running statistics.
+
+    PyTorch: ``module.reset_running_stats()``, as ``torch.optim.swa_utils.update_bn`` uses
+    it with ``momentum=None``.
+    """
+    fresh = {"running_mean": jnp.zeros_like, "running_var": jnp.ones_like,
+             "num_batches_tracked": jnp.zeros_like}
+
+    def reset(path, leaf):
+        key = getattr(path[-1], "key", None) if path else None
+        return fresh[key](leaf) if key in fresh else leaf
+
+    return jax.tree_util.tree_map_with_path(reset, states)
+
+
 def _counts(states: Any) -> list[tuple[str, np.ndarray]]:
     """Each layer's path and ``num_batches_tracked``, found by that key."""
     return [(dotted(keys[:-1]), np.asarray(leaf))

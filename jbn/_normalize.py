@@ -24,6 +24,22 @@ not :math:`\\hat x` in float32 nor the intermediates of the textbook formula.
 
 Masked-out positions do not enter :math:`\\mu, \\sigma^2`, so their ``x`` receives only the
 direct term :math:`w\\, r\\, \\dot x`.
+
+Batch renormalization (Ioffe 2017, arXiv:1702.03275, Algorithm 1) corrects :math:`\\hat x`
+towards the running statistics :math:`\\mu_R, \\sigma_R^2`:
+
+.. math::
+
+    y = (\\hat x\\, \\rho + \\delta)\\, w + b, \\qquad
+    \\rho = \\mathrm{clip}\\big(\\sqrt{\\sigma^2 + \\epsilon}\\,/\\sqrt{\\sigma_R^2 + \\epsilon},\\,
+          1/r_{\\max},\\, r_{\\max}\\big), \\qquad
+    \\delta = \\mathrm{clip}\\big((\\mu - \\mu_R)/\\sqrt{\\sigma_R^2 + \\epsilon},\\,
+          -d_{\\max},\\, d_{\\max}\\big),
+
+with :math:`\\rho, \\delta` (the paper's r and d) constants to the derivative. That is batch
+norm with the affine parameters :math:`(\\rho w,\\, \\delta w + b)`, so it shares the forward
+pass and the tangent map above, with :math:`\\dot w` entering as :math:`\\rho \\dot w` and
+:math:`\\delta \\dot w + \\dot b`.
 """
 
 from __future__ import annotations
@@ -35,15 +51,17 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from jbn._stats import Batch, Moments, compute_dtype, moments
+from jbn._stats import Batch, BatchStatistics, Moments, compute_dtype, moments
 
 
-class BatchStatistics(NamedTuple):
-    """What the running state needs of a batch: its count, mean and biased variance."""
+class Renorm(NamedTuple):
+    """What batch renormalization corrects towards: the running statistics (before this
+    batch's update) and the limits of r and d, scalars that may be traced."""
 
-    count: Array
-    mean: Array
-    variance: Array
+    running_mean: Array  # (C,)
+    running_var: Array  # (C,)
+    rmax: Array  # (), ≥ 1
+    dmax: Array  # (), ≥ 0
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -54,6 +72,7 @@ def normalize(
     valid: Array | None,
     weight: Array | None,
     bias: Array | None,
+    renorm: Renorm | None = None,
 ) -> tuple[Array, BatchStatistics]:
     """Batch-normalizes ``x`` with the statistics of its own valid values.
 
@@ -63,19 +82,50 @@ def normalize(
       x: the input, channel at ``batch.channel_axis``.
       valid: None or a boolean array broadcastable to ``x`` (size 1 on the channel axis).
       weight, bias: (C,) affine parameters, or both None.
+      renorm: None, or batch renormalization's running statistics and limits; they carry
+        no derivative.
 
     Returns:
       ``y`` in ``x.dtype``, and the batch statistics in at least float32.
     """
-    y, m, _ = _forward(batch, eps, x, valid, weight, bias)
+    y, m, _, _ = _forward(batch, eps, x, valid, weight, bias, renorm)
     return y, _statistics(m)
 
 
-def _forward(batch, eps, x, valid, weight, bias):
+def _forward(batch, eps, x, valid, weight, bias, renorm):
     m = moments(x, valid, batch)
     inv_std = lax.rsqrt(m.variance + eps)
+    correction = _correction(m, inv_std, eps, renorm)
     xhat = _standardized(batch, x, m, inv_std)
-    return _affine(batch, xhat, weight, bias).astype(x.dtype), m, inv_std
+    y = _affine(batch, xhat, *_corrected(correction, weight, bias)).astype(x.dtype)
+    return y, m, inv_std, correction
+
+
+def _correction(m: Moments, inv_std: Array, eps: float,
+                renorm: Renorm | None) -> tuple[Array, Array] | None:
+    """Batch renormalization's r = clip(σ_B/σ, 1/rmax, rmax) and
+    d = clip((μ_B − μ)/σ, −dmax, dmax), σ = √(running_var + eps), as constants."""
+    if renorm is None:
+        return None
+    dtype = m.shift.dtype
+    running_mean, running_var, rmax, dmax = (v.astype(dtype) for v in renorm)
+    inv_sigma = lax.rsqrt(running_var + eps)
+    r = jnp.clip(inv_sigma / inv_std, 1 / rmax, rmax)
+    # μ_B − μ with the mean's pair: (shift − μ) first, where the two may be close.
+    d = jnp.clip(((m.shift - running_mean) + m.mean_offset) * inv_sigma, -dmax, dmax)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _corrected(correction: tuple[Array, Array] | None, weight: Array | None,
+               bias: Array | None) -> tuple[Array | None, Array | None]:
+    """The affine parameters that apply renormalization's r and d: (r·w, d·w + b). Linear in
+    (w, b), so it maps their tangents as well."""
+    if correction is None:
+        return weight, bias
+    r, d = correction
+    if weight is None:
+        return r, d
+    return r * weight, d * weight + bias
 
 
 def _standardized(batch: Batch, x: Array, m: Moments, inv_std: Array) -> Array:
@@ -97,9 +147,14 @@ def _statistics(m: Moments) -> BatchStatistics:
 
 @normalize.defjvp
 def _normalize_jvp(batch, eps, primals, tangents):
-    x, valid, weight, bias = primals
-    dx, _, dweight, dbias = tangents
-    y, m, inv_std = _forward(batch, eps, x, valid, weight, bias)
+    x, valid, weight, bias, renorm = primals
+    dx, _, dweight, dbias, _ = tangents
+    y, m, inv_std, correction = _forward(batch, eps, x, valid, weight, bias, renorm)
+    # Renormalization is batch norm with the affine parameters (r·w, d·w + b), r and d
+    # constant; without affine, (r, d), constant too.
+    if weight is not None:
+        dweight, dbias = _corrected(correction, dweight, dbias)
+    weight, _ = _corrected(correction, weight, bias)
 
     @jax.checkpoint
     def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
@@ -121,7 +176,7 @@ def _normalize_jvp(batch, eps, primals, tangents):
         scale = inv_std if weight is None else inv_std * weight
         slope = -scale * mean_xhat_dx
         intercept = -scale * mean_dx
-        if weight is not None:
+        if dweight is not None:
             slope, intercept = slope + dweight, intercept + dbias
         # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.

@@ -29,6 +29,14 @@ care of:
 * **Ensembles.** Under ``jax.vmap`` over independent members, the branch is chosen for all
   of them together (exact if any member needs it), so ``lax.cond`` stays a branch and does
   not become a select that computes both.
+* **Ghost batches.** With ``Batch.group_size = k``, every group of ``k`` consecutive
+  examples along axis 0 has its own moments, of shape (G, C), with the same sums, the same
+  guard (one branch for all groups, as for ensembles) and the same pair for the mean. A
+  group lies within one device, so its sums take no all-reduce.
+* **What the running state learns** (``population_estimate``): the mean and the unbiased
+  variance ``M2/(n − 1)`` of the valid values; over ghost groups, the mean of all valid
+  values and the pooled within-group variance ``Σ M2_g / Σ (n_g − 1)``, which for groups of
+  equal counts is the mean of the groups' own unbiased variances.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ from jax.typing import DTypeLike
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Which values share one set of statistics: every axis of ``x`` but ``channel_axis``,
-    on every device along ``axis_name`` (within its group of ``axis_index_groups``).
+    on every device along ``axis_name`` (within its group of ``axis_index_groups``); or,
+    with ``group_size = k`` (ghost batches), each group of ``k`` consecutive examples along
+    axis 0 of this device's ``x``, every axis but ``channel_axis`` (never 0) within it.
 
     Static and hashable, so it can ride along as a non-differentiable argument.
     """
@@ -57,29 +67,47 @@ class Batch:
     channel_axis: int
     axis_name: Hashable | tuple[Hashable, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    group_size: int | None = None
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.ndim) if i != self.channel_axis)
 
     def per_channel(self, v: Array) -> Array:
-        """Reshapes a (C,) vector to broadcast against x along the channel axis."""
+        """Reshapes a (C,) vector, or (G, C) per ghost group, to broadcast against x along
+        the channel axis (and, per group, along axis 0)."""
         shape = [1] * self.ndim
-        shape[self.channel_axis] = v.shape[0]
+        shape[self.channel_axis] = v.shape[-1]
+        if v.ndim == 2:
+            # Each group's row for each of its examples: a broadcast XLA fuses into its user.
+            v = jnp.repeat(v, self.group_size, axis=0)
+            shape[0] = v.shape[0]
         return v.reshape(shape)
 
     def sum(self, v: Array, valid: Array | None) -> Array:
-        """Σ over this device's valid positions, per channel: (C,)."""
+        """Σ over this device's valid positions, per channel: (C,), or (G, C) per group."""
         if valid is not None:
             v = jnp.where(valid, v, 0)
-        return jnp.sum(v, axis=self.reduce_axes)
+        if self.group_size is None:
+            return jnp.sum(v, axis=self.reduce_axes)
+        # Per example first, (N, C), then per group: XLA's CPU backend runs these two
+        # reductions faster than one over a (G, k, ...) view of x (a training forward of
+        # 64×64×32×32 in about 1.3 copies of x, as without groups, instead of 2.9).
+        per_example = jnp.sum(v, axis=self.reduce_axes[1:])
+        groups = per_example.shape[0] // self.group_size
+        return jnp.sum(per_example.reshape(groups, self.group_size, per_example.shape[1]),
+                       axis=1)
 
     def psum(self, *values: Array) -> tuple[Array, ...]:
         """Σ over the devices of ``axis_name``: one all-reduce of all the values (identity on
-        one device)."""
-        if self.axis_name is None:
+        one device, and for ghost groups, which lie within one device)."""
+        if self.axis_name is None or self.group_size is not None:
             return values
-        return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return _all_devices(self, values)
+
+
+def _all_devices(batch: Batch, values):
+    return lax.psum(values, batch.axis_name, axis_index_groups=batch.axis_index_groups)
 
 
 # The plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance, i.e.
@@ -94,12 +122,13 @@ CANCELLATION_BOUND = 25.0
 class Moments(NamedTuple):
     """Per-channel moments of the valid values: ``mean = shift + mean_offset``,
     ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel);
-    ``exact`` tells whether they came from sums about a shift (the exact path)."""
+    ``exact`` tells whether they came from sums about a shift (the exact path). Over ghost
+    groups, one row per group: ``count`` (G, 1), the others (G, C)."""
 
-    count: Array  # ()
-    shift: Array  # (C,): the mean, rounded to the compute dtype
-    mean_offset: Array  # (C,): mean − shift, below the rounding error of shift
-    m2: Array  # (C,)
+    count: Array  # (), or (G, 1)
+    shift: Array  # (C,) or (G, C): the mean, rounded to the compute dtype
+    mean_offset: Array  # mean − shift, below the rounding error of shift
+    m2: Array
     exact: Array  # (), bool: whether the exact path ran (for tests and measurements)
 
     @property
@@ -110,6 +139,46 @@ class Moments(NamedTuple):
     def variance(self) -> Array:
         """Biased variance M2/n, the one that normalizes (0 when there is no value)."""
         return self.m2 / jnp.maximum(self.count, 1)
+
+
+class BatchStatistics(NamedTuple):
+    """What the running state needs of a batch: its count, mean and biased variance (per
+    ghost group: count (G, 1), the others (G, C))."""
+
+    count: Array
+    mean: Array
+    variance: Array
+
+
+class Estimate(NamedTuple):
+    """A batch's estimate of the population statistics, which the running state averages."""
+
+    mean: Array  # (C,)
+    variance: Array  # (C,), unbiased
+    informative: Array  # (), bool: whether there were at least 2 valid values to learn from
+
+
+def population_estimate(stats: BatchStatistics, batch: Batch) -> Estimate:
+    """The mean and unbiased variance the running statistics learn from a batch.
+
+    One set of statistics: ``mean`` and ``n/(n − 1)·variance`` (PyTorch's Bessel
+    correction), informative from ``n ≥ 2`` valid values. Ghost groups: the mean of all valid
+    values, ``Σ n_g·mean_g / Σ n_g``, and the pooled within-group variance
+    ``Σ M2_g / Σ (n_g − 1)`` over the groups of every device along ``axis_name`` (one
+    all-reduce of 2C + 2 values), informative from one group of 2 valid values. For groups of
+    equal counts that is the mean of the group means and of the groups' unbiased variances,
+    the statistics each group was normalized with (Bessel-corrected); a group of fewer valid
+    values weighs less, one of 0 or 1 not at all in the variance.
+    """
+    count, mean, variance = stats
+    if batch.group_size is None:
+        return Estimate(mean, variance * count / (count - 1), count > 1)
+    totals = (jnp.sum(count), jnp.sum(count * mean, axis=0), jnp.sum(count * variance, axis=0),
+              jnp.sum(jnp.maximum(count - 1, 0)))
+    if batch.axis_name is not None:
+        totals = _all_devices(batch, totals)
+    n, sum_x, m2, degrees = totals
+    return Estimate(sum_x / jnp.maximum(n, 1), m2 / jnp.maximum(degrees, 1), degrees > 0)
 
 
 def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
@@ -192,7 +261,10 @@ def _for_every_member_vmap(axis_size, in_batched, condition):
 
 
 def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> Array:
-    """Valid values per channel on this device."""
+    """Valid values per channel on this device: (), or (G, 1) per ghost group."""
+    if batch.group_size is not None:
+        ones = jnp.ones([1 if i == batch.channel_axis else n for i, n in enumerate(shape)], dtype)
+        return batch.sum(ones, valid)
     if valid is None:
         return jnp.asarray(math.prod(shape[i] for i in batch.reduce_axes), dtype)
     # Axes the mask does not cover (size 1 in ``valid``) multiply the count.

@@ -47,7 +47,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: the mode, switched by ``eqx.nn.inference_mode``.
       **keywords: ``jbn.batchnorm``'s keywords, passed on to each call: ``momentum``
         (0.1, PyTorch's convention), ``eps`` (1e-5), ``axis`` (1), ``axis_name``,
-        ``axis_index_groups``.
+        ``axis_index_groups``, ``renorm``, ``virtual_batch_size``.
 
     Raises:
       TypeError: for a keyword ``jbn.batchnorm`` does not have; bad values raise when the

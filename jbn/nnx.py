@@ -42,7 +42,8 @@ class BatchNorm(nnx.Module):
       use_running_average: the mode, switched by ``train()``/``eval()``/``nnx.view``.
       **keywords: ``jbn.batchnorm``'s keywords, passed on to each call: ``momentum``
         (0.1, PyTorch's convention), ``eps`` (1e-5), ``axis`` (1: channels first, unlike
-        ``nnx.BatchNorm``'s -1), ``axis_name``, ``axis_index_groups``.
+        ``nnx.BatchNorm``'s -1), ``axis_name``, ``axis_index_groups``, ``renorm``,
+        ``virtual_batch_size``.
 
     Raises:
       TypeError: for a keyword ``jbn.batchnorm`` does not have; bad values raise when the

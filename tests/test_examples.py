@@ -28,13 +28,15 @@ def run_example(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_train_reaches_95_percent_test_accuracy():
+def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration():
     output = run_example("train.py")
-    epochs = re.findall(r"^epoch +\d+ .* test accuracy ([\d.]+)%", output, re.MULTILINE)
+    epochs = re.findall(r"^epoch +\d+ .* test accuracy ([\d.]+)%  recalibrated ([\d.]+)%",
+                        output, re.MULTILINE)
     assert len(epochs) == 15, output
-    final = re.search(r"^final test accuracy: ([\d.]+)%", output, re.MULTILINE)
+    final = re.search(r"^final test accuracy: ([\d.]+)% \(with recalibrated running "
+                      r"statistics: ([\d.]+)%", output, re.MULTILINE)
     assert final is not None, output
-    assert float(final.group(1)) >= 95, output
+    assert float(final.group(1)) >= 95 and float(final.group(2)) >= 95, output
 
 
 @pytest.mark.parametrize("args", [
