@@ -77,5 +77,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"{seconds['one'] * 1e3:.2f} ms | {seconds['both'] * 1e3:.2f} ms | "
                   f"{seconds['both'] / seconds['one']:.2f} |")
 
+
 if __name__ == "__main__":
     main()

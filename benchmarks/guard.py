@@ -112,5 +112,6 @@ def main(argv: list[str] | None = None) -> None:
         marker = " (jbn)" if bound == _stats.CANCELLATION_BOUND else ""
         print(f"| {bound:g}{marker} | " + " | ".join(errors + rates) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ def stale_layers(before: Any, after: Any) -> list[str]:
 
     PyTorch: no equivalent; each module there updates its own buffers in place.
     """
-    advanced = {path: count for path, count in _counts(after)}
+    advanced = dict(_counts(after))
     return [path for path, count in _counts(before)
             if path not in advanced or not np.all(np.asarray(advanced[path]) > count)]
 

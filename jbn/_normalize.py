@@ -1,4 +1,5 @@
-"""The normalization with batch statistics, and its derivative rule.
+"""The normalization with batch statistics and its derivative rule; eval mode's normalization
+with given statistics (``normalize_with``) and its folded form (``fold``).
 
 .. math::
 

@@ -199,7 +199,8 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
       batch: the axes and devices the statistics run over.
 
     Returns:
-      Moments in ``compute_dtype(x.dtype)``, the same on every device of the batch.
+      Moments in ``compute_dtype(x.dtype)``, the same on every device of the batch; with
+      ghost groups (``batch.group_size``), one per group, each within its device.
     """
     dtype = compute_dtype(x.dtype)
     x = x.astype(dtype)

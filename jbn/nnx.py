@@ -90,8 +90,9 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         y, state = batchnorm(self.params, self.state, x, not use_running_average, mask=mask,
                              **dict(self.keywords))
-        for name, value in state.items():
-            getattr(self, name)[...] = value
+        if not use_running_average:  # only training changes the state
+            for name, value in state.items():
+                getattr(self, name)[...] = value
         return y
 
     @property

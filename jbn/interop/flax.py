@@ -17,7 +17,7 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
 
     ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}`` become ``weight``,
     ``bias``, ``running_mean``, ``running_var``: eval outputs carry over exactly (up to
-    rounding: Flax computes ``(x − mean)·s + b``, jbn ``x·s + (b − mean·s)``). With the
+    rounding: both compute ``(x − mean)·s + b``). With the
     arguments to match: jbn ``axis=-1`` (Flax normalizes the last axis by default),
     ``eps=epsilon`` and ``momentum = 1 − Flax momentum`` (Flax weighs the old running value,
     PyTorch and jbn the new batch: Flax's 0.99 is jbn's 0.01, PyTorch's 0.1 is Flax's 0.9).

@@ -278,7 +278,6 @@ def options_from_torch(
     return layers, options
 
 
-
 def _host_array(value) -> np.ndarray:
     """A NumPy copy of ``value``, in its dtype (a torch tensor's too, bfloat16 included)."""
     if hasattr(value, "detach"):  # a torch.Tensor or Parameter: off autograd, onto the host
