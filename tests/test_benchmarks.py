@@ -68,3 +68,14 @@ def test_accuracy_tables_print_a_row_per_ratio_with_jbn_within_1e_5(capsys):
             jbn_columns = [name for name in header if name.startswith("jbn")
                            and name != "jbn folded"]
             assert all(float(errors[name]) <= 1e-5 for name in jbn_columns), row
+
+
+def test_branch_cost_compares_jbn_with_and_without_its_branch(capsys):
+    from benchmarks import branch
+
+    branch.main(["--shapes", "8x4", "--reps", "2", "--compile-reps", "1"])
+
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8×4 |")]
+    assert len(rows) == 1, rows
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert all(float(cell.split()[0]) > 0 for cell in cells[1:]), cells
