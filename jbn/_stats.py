@@ -1,38 +1,35 @@
-"""Per-channel batch statistics: masks, guarded moments, cross-device combination.
+"""Per-channel batch statistics: masks, moments on each platform, cross-device combination.
 
 This module is the single owner of how jbn computes E[x] and Var[x]. The details it takes
 care of:
 
-* **Cheap where it is safe.** The plain sums ``n``, ``Σx``, ``Σx²`` give the mean and
-  ``M2 = Σx² − (Σx)²/n``. That difference cancels when the mean is large against the spread
-  (the textbook ``E[x²] − E[x]²`` loses every digit at mean = 10⁴ σ), but it loses only a
-  factor ``1 + mean²/σ²`` of relative precision, so where every channel has
-  ``mean² ≤ CANCELLATION_BOUND · σ²`` the plain sums are within a few ulps and serve.
-  Sums with no operand but ``x`` are the cheapest reductions there are.
-* **Exact where it is not.** Otherwise (``lax.cond``: only then) a second pass sums about
-  ``K``, the mean of the first pass rounded to the compute dtype: ``Σ (x − K)``,
-  ``Σ (x − K)²``. ``K`` is within a few roundings of the mean, so these are of the order of
-  the spread and nothing cancels. The data decide the branch, not the caller.
+* **Sums about a shift.** Everything comes from ``n``, ``Σ (x − K)`` and ``Σ (x − K)²`` for a
+  per-channel shift ``K``: ``mean = K + Σ(x − K)/n``, ``M2 = Σ(x − K)² − (Σ(x − K))²/n``.
+  The difference cancels by a factor ``1 + (mean − K)²/σ²`` of relative precision (the
+  textbook ``E[x²] − E[x]²``, ``K = 0``, loses every digit at mean = 10⁴ σ), so what matters
+  is a ``K`` within a few σ of the mean. How ``K`` is found differs by platform
+  (``moments``): on a CPU a branch is cheap and a second pass costs time, on a GPU or TPU a
+  branch costs a host round trip and a pass costs little.
 * **The mean as a pair.** ``shift``, the mean rounded to the compute dtype, and
   ``mean_offset``, the remainder below its rounding error. ``x − shift`` is exact for data
   close to the mean (Sterbenz), so the normalized value ``(x − shift) − mean_offset`` is
   finer than a mean rounded to the input precision. The remainder is formed as a sum over
   the values divided once, so a constant channel gives exactly 0.
 * **Precision.** Sums accumulate in at least float32, whatever the input dtype.
-* **Masks.** Positions where ``valid`` is False enter neither the sums nor the count.
-* **Several devices, count-weighted.** Sums add across devices: one all-reduce carries the
-  count, ``Σx`` and ``Σx²`` of every device (``2C + 1`` values); a device with no valid value
-  adds nothing. Every device then holds the same totals, so all take the same branch, and
-  only the exact path needs a second all-reduce (``2C`` values). The global mean from the
-  first is a shift shared by all devices and close to all the data, which is what a single
-  all-reduce of sums about a shift lacks before it has communicated.
-* **Ensembles.** Under ``jax.vmap`` over independent members, the branch is chosen for all
-  of them together (exact if any member needs it), so ``lax.cond`` stays a branch and does
-  not become a select that computes both.
+* **Masks.** Positions where ``valid`` is False enter neither the sums nor the count, nor
+  the values the shift is sampled from.
+* **Several devices, count-weighted.** Sums add across devices (all-reduces of O(C) values,
+  whatever the number of devices); a device with no valid value adds nothing. Sums about a
+  shift add up only if every device uses the same shift, so the shift is agreed before the
+  sums (the mean of the plain sums on the CPU's exact path, the count-weighted mean of the
+  devices' sampled shifts on accelerators).
+* **Ensembles.** Under ``jax.vmap`` over independent members, the CPU's branch is chosen for
+  all of them together (exact if any member needs it), so ``lax.cond`` stays a branch and
+  does not become a select that computes both.
 * **Ghost batches.** With ``Batch.group_size = k``, every group of ``k`` consecutive
-  examples along axis 0 has its own moments, of shape (G, C), with the same sums, the same
-  guard (one branch for all groups, as for ensembles) and the same pair for the mean. A
-  group lies within one device, so its sums take no all-reduce.
+  examples along axis 0 has its own moments, of shape (G, C), with the same sums, its own
+  shift and the same pair for the mean. A group lies within one device, so its sums take no
+  all-reduce.
 * **What the running state learns** (``population_estimate``): the mean and the unbiased
   variance ``M2/(n − 1)`` of the valid values; over ghost groups, the mean of all valid
   values and the pooled within-group variance ``Σ M2_g / Σ (n_g − 1)``, which for groups of
@@ -41,15 +38,18 @@ care of:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 
@@ -98,10 +98,16 @@ class Batch:
         return jnp.sum(per_example.reshape(groups, self.group_size, per_example.shape[1]),
                        axis=1)
 
+    @property
+    def across_devices(self) -> bool:
+        """Whether the statistics add up over devices (not for ghost groups, which lie within
+        one device)."""
+        return self.axis_name is not None and self.group_size is None
+
     def psum(self, *values: Array) -> tuple[Array, ...]:
-        """Σ over the devices of ``axis_name``: one all-reduce of all the values (identity on
-        one device, and for ghost groups, which lie within one device)."""
-        if self.axis_name is None or self.group_size is not None:
+        """Σ over the devices of ``axis_name``: one all-reduce of all the values (identity
+        unless ``across_devices``)."""
+        if not self.across_devices:
             return values
         return _all_devices(self, values)
 
@@ -110,26 +116,28 @@ def _all_devices(batch: Batch, values):
     return lax.psum(values, batch.axis_name, axis_index_groups=batch.axis_index_groups)
 
 
-# The plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance, i.e.
-# |mean| ≤ 5σ: their difference Σx² − (Σx)²/n then loses at most a factor 26 of the
-# variance's relative precision (y within about 1e-5 of float64 at the bound). Chosen by
-# measurement (python -m benchmarks.guard): over the examples' training runs it sends no
-# call of the digits MLP and 7.5 % of ResNet-18's to the exact path, where a bound of 10
-# sent 48 % and 22 %.
-CANCELLATION_BOUND = 25.0
+# The CPU's plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance,
+# i.e. |mean| ≤ 3σ: Σx² − (Σx)²/n then loses at most a factor 10 of the variance's relative
+# precision, and y stays within 1e-5 of float64 at the bound on every benchmark shape. Chosen
+# by measurement: python -m benchmarks.guard prints the error at each candidate bound and how
+# often the examples' training runs take the exact path with it.
+CANCELLATION_BOUND = 9.0
+
+# How many values of the batch the accelerators' shift is the median of: enough that a
+# cluster of outliers must hold more than half of them to move it (python -m
+# benchmarks.accuracy), and few enough that sampling them is a kernel of negligible size.
+SHIFT_SAMPLES = 33
 
 
 class Moments(NamedTuple):
     """Per-channel moments of the valid values: ``mean = shift + mean_offset``,
-    ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel);
-    ``exact`` tells whether they came from sums about a shift (the exact path). Over ghost
+    ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel). Over ghost
     groups, one row per group: ``count`` (G, 1), the others (G, C)."""
 
     count: Array  # (), or (G, 1)
     shift: Array  # (C,) or (G, C): the mean, rounded to the compute dtype
     mean_offset: Array  # mean − shift, below the rounding error of shift
     m2: Array
-    exact: Array  # (), bool: whether the exact path ran (for tests and measurements)
 
     @property
     def mean(self) -> Array:
@@ -186,11 +194,72 @@ def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# Jitted so that an eager call compiles its branches once per shape rather than on every call
-# (lax.cond traces the closures it is given anew); inside a traced function it is inlined.
-@partial(jax.jit, static_argnames="batch")
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How the statistics are computed; the default is what users run.
+
+    ``path``: None chooses by platform (``GUARDED`` on CPU, ``SHIFTED`` elsewhere); a name
+    forces that path everywhere, so that tests and benchmarks run the accelerators' path on
+    a CPU. ``bound``: the guard's ``CANCELLATION_BOUND``. ``samples``: how many values the
+    shifted path takes its shift from. ``observe``: None, or a function that each call's
+    moments are passed to (``jax.debug.callback``) as count, mean and biased variance.
+    """
+
+    path: str | None = None
+    bound: float = CANCELLATION_BOUND
+    samples: int = SHIFT_SAMPLES
+    observe: Callable[[Array, Array, Array], None] | None = None
+
+
+GUARDED, SHIFTED = "guarded", "shifted"
+_scheme = Scheme()
+
+
+@contextlib.contextmanager
+def scheme(**changes):
+    """Within the block, statistics computed as ``Scheme(**changes)`` says: the switch that
+    tests and benchmarks use, never a public option. Traces made before are dropped on entry
+    and on exit (``jax.clear_caches``), since a jitted function keeps the scheme it was
+    traced with."""
+    global _scheme
+    previous, _scheme = _scheme, dataclasses.replace(Scheme(), **changes)
+    jax.clear_caches()
+    try:
+        yield _scheme
+    finally:
+        _scheme = previous
+        jax.clear_caches()
+
+
 def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     """Moments of ``x`` over ``batch``, counting only positions where ``valid`` is True.
+
+    Two paths, by platform (``lax.platform_dependent``: only the one compiled for is
+    lowered), both sums about a shift ``K`` as the module says:
+
+    * **CPU, guarded.** One pass of the plain sums ``Σx``, ``Σx²`` (``K = 0``, the cheapest
+      reductions there are), then ``lax.cond``: where every channel has
+      ``mean² ≤ CANCELLATION_BOUND·σ²`` they serve, with ``y`` within 1e-5 of float64 at the
+      bound; otherwise a second pass about their mean, exact whatever the data. A
+      conditional costs microseconds on a CPU, a second pass over ``x`` more.
+    * **GPU, TPU, every other platform: shifted.** No data-dependent conditional (on a GPU
+      each one copies its predicate to the host and waits for the device, and splits the
+      CUDA graph); one pass over ``x`` for ``Σ (x − K)``, ``Σ (x − K)²``, where ``K`` is the
+      median of ``SHIFT_SAMPLES`` valid values spread over the batch (``_sampled_shift``)
+      and, across devices, the count-weighted mean of the devices' medians. A median is
+      within σ of the mean for any distribution, and a sample median far from it needs more
+      than half of the sampled values to be. Where the data put more than half of them
+      ``d·σ`` from the mean (a cluster of outliers exactly at the sampled positions), the
+      error of ``y`` grows as about ``1e-6·d²`` (float32, up to 2²⁰ values per channel):
+      the worst case, and the only one above 1e-5.
+
+    Both keep ``y`` within 1e-5 of float64 where ``|y| ≤ 10`` and within ``1e-6·|y|``
+    beyond, at mean/σ up to 10⁴, for float32 ``x``; a constant channel gives exactly 0.
+
+    Across devices the CPU's path takes one all-reduce of ``2C + 1`` values (count, ``Σx``,
+    ``Σx²``) and, on its exact branch, a second of ``2C``; the accelerators' path one of
+    ``C + 1`` (count and ``Σ n_d·K_d``) to agree on the shift, then one of ``2C``. Both are
+    O(C), whatever the number of devices: no all-gather.
 
     Args:
       x: the input, channel at ``batch.channel_axis``.
@@ -202,18 +271,31 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
       Moments in ``compute_dtype(x.dtype)``, the same on every device of the batch; with
       ghost groups (``batch.group_size``), one per group, each within its device.
     """
+    return _moments(x, valid, batch, _scheme)
+
+
+# Jitted so that an eager call compiles its branches once per shape rather than on every call
+# (lax.cond traces the closures it is given anew); inside a traced function it is inlined.
+@partial(jax.jit, static_argnames=("batch", "scheme"))
+def _moments(x: Array, valid: Array | None, batch: Batch, scheme: Scheme) -> Moments:
     dtype = compute_dtype(x.dtype)
     x = x.astype(dtype)
-    local_count = _count(x.shape, valid, batch, dtype)
-    count, sum_x, sum_squares = batch.psum(local_count, batch.sum(x, valid),
-                                           batch.sum(x * x, valid))
-    mean = sum_x / jnp.maximum(count, 1)
-    variance = (sum_squares - sum_x * mean) / jnp.maximum(count, 1)
-    # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
-    # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
-    # same on every device of the batch, and so is the branch.
-    safe = _for_every_member(lax.stop_gradient(jnp.all(
-        (jnp.abs(mean) <= jnp.sqrt(CANCELLATION_BOUND * variance)) & (variance < jnp.inf))))
+    guarded = partial(_guarded, x, valid, batch, scheme.bound)
+    shifted = partial(_shifted, x, valid, batch, scheme.samples)
+    if scheme.path is None:
+        # Only the branch of the platform compiled for is lowered: no conditional remains.
+        m = lax.platform_dependent(cpu=guarded, default=shifted)
+    else:
+        m = {GUARDED: guarded, SHIFTED: shifted}[scheme.path]()
+    if scheme.observe is not None:
+        jax.debug.callback(scheme.observe, m.count, m.mean, m.variance)
+    return m
+
+
+def _guarded(x: Array, valid: Array | None, batch: Batch, bound: float) -> Moments:
+    """The plain sums where they cannot cancel, sums about the mean under ``lax.cond``
+    otherwise."""
+    count, sum_x, sum_squares = plain_sums(x, valid, batch)
 
     def about_the_mean(mean):
         # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x and
@@ -227,14 +309,112 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     # value: computed again outside, XLA may round it otherwise (÷n as ×(1/n), a fused
     # multiply-add), and a constant channel would lose its exact 0.
     shift, sum_deviations, sum_squared_deviations = lax.cond(
-        safe, lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
-        lax.stop_gradient(mean))
-    return _moments_about(shift, count, sum_deviations, sum_squared_deviations,
-                          exact=jnp.logical_not(safe))
+        plain_sums_suffice(count, sum_x, sum_squares, bound),
+        lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
+        lax.stop_gradient(sum_x / jnp.maximum(count, 1)))
+    return _moments_about(shift, count, sum_deviations, sum_squared_deviations)
+
+
+def plain_sums(x: Array, valid: Array | None, batch: Batch) -> tuple[Array, Array, Array]:
+    """``n``, ``Σx`` and ``Σx²`` over the batch: one all-reduce across devices."""
+    return batch.psum(_count(x.shape, valid, batch, x.dtype), batch.sum(x, valid),
+                      batch.sum(x * x, valid))
+
+
+def plain_sums_suffice(count: Array, sum_x: Array, sum_squares: Array, bound: float) -> Array:
+    """Whether every channel has mean² ≤ bound·variance: one answer for all ghost groups, and
+    for all members of an ensemble under ``jax.vmap``."""
+    n = jnp.maximum(count, 1)
+    mean = sum_x / n
+    variance = (sum_squares - sum_x * mean) / n
+    # |mean| ≤ √(bound·variance), in this form so that neither side underflows to 0 where
+    # the other does not; an overflowing Σx² is not finite, and not safe. The totals are the
+    # same on every device of the batch, and so is the answer.
+    return _for_every_member(lax.stop_gradient(jnp.all(
+        (jnp.abs(mean) <= jnp.sqrt(bound * variance)) & (variance < jnp.inf))))
+
+
+def _shifted(x: Array, valid: Array | None, batch: Batch, samples: int) -> Moments:
+    """Sums about a shift taken from the data, in one pass and without a branch."""
+    shift = _sampled_shift(x, valid, batch, samples)
+    count = local_count = _count(x.shape, valid, batch, x.dtype)
+    if batch.across_devices:
+        # One shift for every device: the count-weighted mean of theirs (a device without
+        # valid values weighs nothing), so that the sums below add up.
+        count, weighted = batch.psum(local_count, local_count * shift)
+        shift = _rounded(weighted / jnp.maximum(count, 1))
+    centered = x - batch.per_channel(shift)
+    sums = batch.psum(batch.sum(centered, valid), batch.sum(centered * centered, valid))
+    return _moments_about(shift, count, *sums)
+
+
+def _rounded(v: Array) -> Array:
+    """``v`` with its last bit cleared: an integer operation, through which XLA cannot fuse
+    the arithmetic that made ``v`` into a user's multiply-add. Every use of the result then
+    sees the same float; computed again inside the sums' pass, ``weighted × (1/count)`` would
+    enter ``x − shift`` unrounded (a fused multiply-add), the returned shift rounded."""
+    bits = jnp.dtype(f"uint{8 * v.dtype.itemsize}")
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(v, bits) & ~bits.type(1), v.dtype)
+
+
+def _sampled_shift(x: Array, valid: Array | None, batch: Batch, samples: int) -> Array:
+    """Per channel, the median of ``samples`` valid values of this device's batch, or of each
+    ghost group: (C,), or (G, C).
+
+    Positions count over every axis but the channel axis, in the order of ``x``. The values
+    sit at ``samples`` starts spread by the golden ratio (a Weyl sequence: even coverage of
+    the batch, in step with no period of its layout, such as the first position of every
+    sequence or image), or with a mask at the first valid position at or after each start,
+    wrapping around to the first valid position."""
+    channels = x.shape[batch.channel_axis]
+    if x.size == 0:  # nothing to sample, and no sum the shift would enter
+        groups = 0 if batch.group_size else 1
+        return jnp.zeros((groups, channels) if batch.group_size else (channels,), x.dtype)
+    if not batch.reduce_axes:  # one example under jax.vmap: its own value
+        return x
+    # The batch as (G, group, ...) without the channel axis: G = 1 without ghost groups. Only
+    # axis 0 is split, never merged with another, which a sharded x would not allow.
+    groups = 1 if batch.group_size is None else x.shape[0] // batch.group_size
+    dims = [x.shape[i] for i in batch.reduce_axes]
+    dims[0] //= groups
+    size = math.prod(dims)
+    starts = sample_starts(size, samples)
+    if valid is None:
+        position = np.broadcast_to(starts, (groups, samples))
+    else:
+        flags = jnp.broadcast_to(valid, [1 if i == batch.channel_axis else n
+                                         for i, n in enumerate(x.shape)])
+        flags = jnp.squeeze(flags, batch.channel_axis).reshape(groups, *dims)
+        at = sum(lax.broadcasted_iota(jnp.int32, flags.shape, 1 + k) * math.prod(dims[k + 1:])
+                 for k in range(len(dims)))
+        taken = jnp.where(flags, at, size)  # (G, ...): a valid value's position, or `size`
+        after = at[:, None] >= starts.reshape(-1, *[1] * len(dims))  # (G, samples, ...)
+        first = jnp.min(jnp.where(after, taken[:, None], size), axis=tuple(range(2, 2 + len(dims))))
+        first_valid = jnp.min(taken, axis=tuple(range(1, 1 + len(dims))))[:, None]
+        position = jnp.where(first < size, first, first_valid)  # wrap around
+        position = jnp.minimum(position, size - 1)  # no valid value: any position will do
+    index = list(jnp.unravel_index(position, dims) if valid is not None
+                 else np.unravel_index(position, dims))
+    index[0] = index[0] + np.arange(groups)[:, None] * dims[0]
+    index.insert(batch.channel_axis, slice(None))
+    # Gathered replicated, wherever x lies: a sharded x then adds an all-reduce of
+    # G × samples × C values.
+    values = x.at[tuple(index)].get(
+        mode="promise_in_bounds", out_sharding=jax.typeof(x).sharding.update(spec=P()))
+    if batch.channel_axis == 0:  # index arrays side by side keep their place: (C, G, S)
+        values = jnp.moveaxis(values, 0, -1)
+    median = jnp.sort(values, axis=1)[:, samples // 2]
+    return median if batch.group_size is not None else median[0]
+
+
+def sample_starts(size: int, samples: int) -> np.ndarray:
+    """The positions, among ``size``, where ``_sampled_shift`` looks for its values: a Weyl
+    sequence, ``⌊size·frac(1/2 + j·φ)⌋`` with φ = (√5 − 1)/2, j = 0 … samples − 1."""
+    return (size * ((0.5 + np.arange(samples) * (math.sqrt(5) - 1) / 2) % 1)).astype(np.int64)
 
 
 def _moments_about(shift: Array, count: Array, sum_deviations: Array,
-                   sum_squared_deviations: Array, exact) -> Moments:
+                   sum_squared_deviations: Array) -> Moments:
     """Moments from ``Σ (x − shift)`` and ``Σ (x − shift)²`` over ``count`` values."""
     n = jnp.maximum(count, 1)
     offset = sum_deviations / n
@@ -244,7 +424,7 @@ def _moments_about(shift: Array, count: Array, sum_deviations: Array,
     # division rounds.
     mean_offset = ((shift - mean) * n + sum_deviations) / n
     m2 = jnp.maximum(sum_squared_deviations - sum_deviations * offset, 0)
-    return Moments(count, mean, mean_offset, m2, jnp.asarray(exact))
+    return Moments(count, mean, mean_offset, m2)
 
 
 @jax.custom_batching.custom_vmap

@@ -1,11 +1,12 @@
 """One process of ``test_multiprocess.py``: synchronized batch norm across processes.
 
-Usage: ``python _multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DIR``.
+Usage: ``python _multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DIR [PATH]``.
 
 Joins the ``jax.distributed`` job at ``COORDINATOR`` with 2 CPU devices, reads the inputs
 from ``DIR/inputs.npz``, runs ``jbn.batchnorm`` in training mode under ``jax.shard_map``
 over the global mesh of all processes' devices, batch split along ``"batch"``, and writes
-the gathered global results to ``DIR/result_<PROCESS_ID>.npz``.
+the gathered global results to ``DIR/result_<PROCESS_ID>.npz``. ``PATH``, if given, forces
+that path of the statistics (``"shifted"``: the accelerators').
 """
 
 import os
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jbn  # noqa: E402
+from jbn import _stats  # noqa: E402
 
 AXIS = "batch"
 
@@ -80,4 +82,5 @@ def main(coordinator: str, num_processes: int, process_id: int, directory: str) 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    with _stats.scheme(path=sys.argv[5] if len(sys.argv) > 5 else None):
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

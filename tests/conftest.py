@@ -1,13 +1,31 @@
-"""Test session set-up: 8 virtual CPU devices and float64 support, before JAX starts."""
+"""Test session set-up: 8 virtual CPU devices and float64 support, before JAX starts; the
+fixture that runs a module on both paths of the statistics."""
 
 import os
 
+# The tests run on the CPU, also where a GPU plugin is installed (the GPU plan's test).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jbn import _stats  # noqa: E402
 
 # Parity with PyTorch and the float64 references need float64 arrays; every test names its
 # dtypes explicitly, so this changes no test's precision behind its back.
 jax.config.update("jax_enable_x64", True)
+
+# The statistics a CPU runs (the guarded ones), and those of GPUs and TPUs, forced here.
+STATISTICS_PATHS = {"cpu path": None, "accelerator path": _stats.SHIFTED}
+
+
+@pytest.fixture(scope="module", params=STATISTICS_PATHS.values(), ids=STATISTICS_PATHS.keys())
+def statistics_path(request):
+    """Runs every test of a module that uses it twice, once on each path of the statistics:
+    ``pytestmark = pytest.mark.usefixtures("statistics_path")``. Yields the forced path
+    (None: the platform's own)."""
+    with _stats.scheme(path=request.param):
+        yield request.param

@@ -13,7 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 import reference
-from jbn._stats import CANCELLATION_BOUND, Batch, moments
+from jbn._stats import CANCELLATION_BOUND, SHIFTED, Batch, plain_sums, plain_sums_suffice
+
+pytestmark = pytest.mark.usefixtures("statistics_path")
 
 DEVICES = 8
 C, L = 3, 5
@@ -241,19 +243,31 @@ def test_gradients_under_pmap_equal_the_whole_batch(mask):
     assert_matches(index(dparams, 0), expected_dparams)
 
 
-def test_float32_with_mean_1e4_times_spread_over_8_devices_stays_within_1e_5():
-    std = RNG.uniform(0.5, 2.0, 8)
-    x = (1e4 * std + std * RNG.normal(size=(4096, 8))).astype(np.float32)
+# Uneven shards with counts that are no power of 2 (x/n then rounds): 230 valid examples,
+# from 0 on the second device to all 32 on the last.
+UNEVEN_1E4 = np.random.default_rng(1).random(256) < 0.8
+UNEVEN_1E4[32:64] = False
+UNEVEN_1E4[224:] = True
+
+
+@pytest.mark.parametrize("mask", [None, UNEVEN_1E4], ids=["unmasked", "uneven"])
+def test_float32_with_mean_1e4_times_spread_over_8_devices_stays_within_1e_5(mask):
+    std = RNG.uniform(0.5, 2.0, (8, 1))
+    x = (1e4 * std + std * RNG.normal(size=(256, 8, 9))).astype(np.float32)
     params, state = jbn.init(8)
-    y, _ = sharded("data", training=True)(params, state, jnp.asarray(x), None)
-    expected, _ = reference.batchnorm(params, state, x, True)
+    mask = None if mask is None else jnp.asarray(mask)
+    y, _ = sharded("data", mask=mask, training=True)(params, state, jnp.asarray(x), mask)
+    expected, _ = reference.batchnorm(params, state, x, True, mask=mask)
     assert np.max(np.abs(np.asarray(y, np.float64) - expected)) <= 1e-5
 
 
-def test_constant_channel_over_devices_normalizes_to_exactly_zero():
-    x = jnp.full((64, 2), 12345.678, jnp.float32).at[:, 1].set(jnp.arange(64, dtype=jnp.float32))
+@pytest.mark.parametrize("mask", [None, UNEVEN_1E4], ids=["unmasked", "uneven"])
+def test_constant_channel_over_devices_normalizes_to_exactly_zero(mask):
+    x = jnp.full((256, 2), 12345.678, jnp.float32).at[:, 1].set(
+        jnp.arange(256, dtype=jnp.float32) % 7)
     params, state = jbn.init(2)
-    y, new_state = sharded("data", training=True)(params, state, x, None)
+    mask = None if mask is None else jnp.asarray(mask)
+    y, new_state = sharded("data", mask=mask, training=True)(params, state, x, mask)
     assert np.all(np.asarray(y)[:, 0] == 0)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in new_state.values())
 
@@ -302,12 +316,19 @@ def computations(compiled_text):
 
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
 @pytest.mark.parametrize("channels", [3, 64])
-def test_training_forward_uses_one_all_reduce_and_a_second_only_on_the_exact_path(mask,
-                                                                                  channels):
+def test_training_forward_communicates_order_c_values_in_the_all_reduces_of_its_path(
+        mask, channels, statistics_path):
     x = jnp.ones((DEVICES * 4, channels, L))
     params, state = jbn.init(channels)
     text = sharded("data", mask=mask, training=True)(params, state, x, mask, lower=True)
     parts = computations(text)
+    if statistics_path == SHIFTED:
+        # The shift every device shares (the count and Σ n_d·K_d: C + 1 values), then the
+        # sums about it, Σ(x − K) and Σ(x − K)² (2C); no branch.
+        assert "conditional" not in text
+        assert collectives(text) == [("all-reduce", channels + 1),
+                                     ("all-reduce", 2 * channels)]
+        return
     # The plain sums: count, Σx and Σx² in one all-reduce, before any branch.
     assert collectives(parts["ENTRY"]) == [("all-reduce", 2 * channels + 1)]
     branches = re.findall(r"conditional\(.*branch_computations=\{%(\S+), %(\S+)\}",
@@ -327,20 +348,22 @@ def test_the_exact_path_runs_exactly_when_a_channel_mean_exceeds_the_bound(over_
     z = (z - z.mean(0)) / z.std(0)  # mean 0 and σ 1 exactly, so the ratio is what is asked
     z[:, 2] += over_the_bound * np.sqrt(CANCELLATION_BOUND)
     shards = jnp.asarray(z.reshape(DEVICES, -1, 4))
-    f = jax.pmap(lambda x: moments(x, None, Batch(2, 1, "devices")).exact,
-                 axis_name="devices")
-    assert np.all(np.asarray(f(shards)) == exact_path)
+    f = jax.pmap(lambda x: plain_sums_suffice(*plain_sums(x, None, Batch(2, 1, "devices")),
+                                              CANCELLATION_BOUND), axis_name="devices")
+    assert np.all(np.asarray(f(shards)) != exact_path)
 
 
-def test_forward_and_backward_together_communicate_order_c_values():
+def test_forward_and_backward_together_communicate_order_c_values(statistics_path):
     def global_loss(params, x):
         return jax.lax.psum(loss(params, x, None, "data"), "data")
     f = jax.shard_map(global_loss, mesh=mesh((DEVICES,), ("data",)),
                       in_specs=(P(), P("data")), out_specs=P())
     x = jax.device_put(X, NamedSharding(mesh((DEVICES,), ("data",)), P("data")))
     text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(PARAMS, x).compile().as_text()
-    found = collectives(text)
-    # Forward statistics C + 1 and 2C, backward sums 2C; the test's own loss (1) and the sum
-    # of the weight and bias gradients over devices (2C). XLA may merge independent ones.
-    assert found and all(op == "all-reduce" for op, _ in found), found
-    assert sum(size for _, size in found) <= 7 * C + 2 < X[: X.shape[0] // DEVICES].size, found
+    found = sorted(size for op, size in collectives(text) if op == "all-reduce")
+    assert len(found) == len(collectives(text)), collectives(text)  # all-reduces only
+    # Forward: the shift (C + 1), then the sums about it (2C); or, guarded, the plain sums
+    # (2C + 1) and, in the exact branch, the sums about the mean (2C). Backward: Σ ct and
+    # Σ ct·(x − shift) (2C), whose totals also give the gradients of weight and bias.
+    forward = [C + 1, 2 * C] if statistics_path == SHIFTED else [2 * C + 1, 2 * C]
+    assert found == sorted([*forward, 2 * C]), found

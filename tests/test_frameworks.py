@@ -20,6 +20,8 @@ import jbn
 import jbn.equinox
 import jbn.nnx
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 C = 3
 KEYWORDS = {"momentum": None, "eps": 1e-3}  # not the defaults, so passing them on shows
 

@@ -17,6 +17,8 @@ from test_interop import assert_same_arrays
 
 import jbn
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 C = 4
 
 # Every batch norm variant PyTorch writes, among modules with look-alike entries.

@@ -86,15 +86,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Inputs, and each process's results, from one run of the 2 workers."""
+def run(tmp_path_factory, statistics_path):
+    """Inputs, and each process's results, from one run of the 2 workers, on each path of
+    the statistics."""
     directory = tmp_path_factory.mktemp("multiprocess")
     inputs = make_inputs(np.random.default_rng(0))
     np.savez(directory / "inputs.npz", **inputs)
     coordinator = f"127.0.0.1:{free_port()}"
     workers = [
         subprocess.Popen([sys.executable, WORKER, coordinator, str(PROCESSES), str(i),
-                          str(directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          str(directory), *([statistics_path] if statistics_path else [])],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
         for i in range(PROCESSES)
     ]

@@ -9,6 +9,9 @@ import torch
 
 import jbn
 import reference
+from jbn import _stats
+
+pytestmark = pytest.mark.usefixtures("statistics_path")
 
 
 def offset_data(ratio, shape=(4096, 8), seed=0):
@@ -143,3 +146,62 @@ def test_an_outlier_keeps_y_within_1e_5_and_the_rounding_of_its_size(n, seed):
     y, _, expected, _ = with_an_outlier(n, seed)
     error = np.abs(np.asarray(y, np.float64) - expected)
     assert np.all(error <= 1e-5 + np.finfo(np.float32).eps * np.abs(expected))
+
+
+def within_the_promise(y, expected):
+    """What jbn promises for float32 x: y within 1e-5 of float64 where |y| ≤ 10, within
+    1e-6·|y| beyond."""
+    error = np.abs(np.asarray(y, np.float64) - expected)
+    return np.all(error <= np.maximum(1e-5, 1e-6 * np.abs(expected)))
+
+
+def batch_norm_float64(x, axis=1):
+    values = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    flat = values.reshape(-1, values.shape[-1])
+    return np.moveaxis((values - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), -1, axis)
+
+
+@pytest.mark.parametrize("shape", [(4096, 8), (256, 128), (4096, 1024), (64, 16, 32, 32)])
+def test_every_channel_at_the_guard_bound_keeps_error_below_1e_5(shape, statistics_path):
+    """Where the CPU's plain sums are at their worst: every channel's |mean| just inside
+    √CANCELLATION_BOUND·σ."""
+    rng = np.random.default_rng(4)
+    axes = tuple(i for i in range(len(shape)) if i != 1)
+    z = rng.standard_normal(shape)
+    z = (z - z.mean(axes, keepdims=True)) / z.std(axes, keepdims=True)
+    scale = rng.uniform(0.5, 2.0, [shape[1] if i == 1 else 1 for i in range(len(shape))])
+    x = jnp.asarray(scale * (z + 0.999 * np.sqrt(_stats.CANCELLATION_BOUND)), jnp.float32)
+    if statistics_path is None:  # the CPU's guard lets the plain sums serve here
+        assert _stats.plain_sums_suffice(*_stats.plain_sums(x, None, _stats.Batch(x.ndim, 1)),
+                                         _stats.CANCELLATION_BOUND)
+    y, _ = jbn.batchnorm({}, {}, x, True)
+    assert np.max(np.abs(np.asarray(y, np.float64) - batch_norm_float64(x))) <= 1e-5
+
+
+def sampled(x, how_many, offset):
+    """x (N, C) with the first ``how_many`` values the accelerators' shift samples moved
+    ``offset`` standard deviations up."""
+    x = x.copy()
+    x[_stats.sample_starts(len(x), _stats.SHIFT_SAMPLES)[:how_many]] += offset * x.std(0)
+    return x
+
+
+EDGE_DATA = {
+    "outliers at all but the median's sampled positions": lambda rng: sampled(
+        1e4 + rng.normal(size=(4096, 8)), _stats.SHIFT_SAMPLES // 2, 100),
+    "sorted by value": lambda rng: np.sort(1e4 + rng.normal(size=(4096, 8)), axis=0),
+    "sorted in reverse": lambda rng: np.sort(1e4 + rng.normal(size=(4096, 8)), axis=0)[::-1],
+    "Student-t(2)": lambda rng: 1e4 + rng.standard_t(2, (4096, 8)),
+    "lognormal(0, 2)": lambda rng: 1e4 + rng.lognormal(0, 2, (4096, 8)),
+    "the first position of every sequence far off": lambda rng: (
+        1e4 + rng.normal(size=(72, 8, 64)) + 100 * (np.arange(64) == 0)),
+    "spread 1e-3 at mean 1e4σ": lambda rng: 1e-3 * (1e4 + rng.normal(size=(4096, 8))),
+    "spread 1e3 at mean 1e4σ": lambda rng: 1e3 * (1e4 + rng.normal(size=(4096, 8))),
+}
+
+
+@pytest.mark.parametrize("make", EDGE_DATA.values(), ids=EDGE_DATA.keys())
+def test_data_chosen_against_the_shift_stays_within_the_promise(make):
+    x = make(np.random.default_rng(5)).astype(np.float32)
+    y, _ = jbn.batchnorm({}, {}, jnp.asarray(x), True)
+    assert within_the_promise(y, batch_norm_float64(x))

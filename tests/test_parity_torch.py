@@ -8,6 +8,8 @@ import torch
 
 import jbn
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 TORCH_MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
                  4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 SHAPES = {2: (7, 3), 3: (4, 3, 5), 4: (3, 3, 4, 2), 5: (2, 3, 3, 2, 2)}

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 import jbn
 import reference
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 # Tolerance on y for each input dtype, relative to |y| (eval with running statistics can give
 # |y| ≫ 1): one rounding of the half-precision output; for float32 and float64, the rounding
 # of the statistics.

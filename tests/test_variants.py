@@ -15,6 +15,8 @@ from jax.test_util import check_grads
 import jbn
 import reference
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 RNG = np.random.default_rng(11)
 C, L = 3, 4
 X = jnp.asarray(RNG.normal(2.0, 1.5, (8, C, L)))
