@@ -11,20 +11,10 @@ from benchmarks import harness
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is sizes joined by x, like 64x256x256; "
-                                         f"got {text!r}") from None
-    if len(shape) < 2 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"a shape needs a batch and a channel axis, got {text!r}")
-    return shape
-
-
 def main(argv: list[str] | None = None) -> harness.Report:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=list(harness.SHAPES),
+    parser.add_argument("--shapes", nargs="+", type=harness.parse_shape,
+                        default=list(harness.SHAPES),
                         metavar="NxCx...", help="shapes of x, channel on axis 1 "
                         "(default: 256x128 4096x1024 64x256x256 64x64x32x32)")
     parser.add_argument("--reps", type=int, default=10,

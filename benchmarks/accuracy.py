@@ -1,13 +1,21 @@
-"""Accuracy at the edges: `python -m benchmarks.accuracy` prints the README's tables.
+"""Accuracy at the edges: ``python -m benchmarks.accuracy`` prints the error tables.
 
-Max abs error of y against float64 arithmetic on the same float32 input of shape (4096, 8)
-whose mean is r × its standard deviation (per channel, σ in [0.5, 2]):
+Max abs error of y against float64 arithmetic on the same float32 input. jbn runs on both
+paths of its statistics: ``cpu`` (the guarded sums a CPU runs) and ``accelerator`` (the
+shifted sums of GPUs and TPUs, forced here on the CPU), on one device and with the batch
+split over all devices (8 virtual CPU devices unless ``XLA_FLAGS`` says otherwise).
 
-* training: batch statistics, in every library; jbn also with the batch split over all
-  devices (8 virtual CPU devices unless ``XLA_FLAGS`` says otherwise);
-* eval: running statistics equal to the data's own, rounded to float32 (what a long run
-  converges to); jbn's eval mode and its folded multiply-add (``jbn.fold``), and the eval
-  modes of PyTorch and Flax.
+* **training**, data of shape (4096, 8) whose mean is r × its standard deviation (σ in
+  [0.5, 2] per channel): batch statistics, in every library;
+* **eval**, the same data with running statistics equal to its own, rounded to float32
+  (what a long run converges to): jbn's eval mode and its folded multiply-add
+  (``jbn.fold``), and the eval modes of PyTorch and Flax;
+* **edges**, jbn's training mode on data chosen against its statistics: spreads from 10⁻³
+  to 10³ at mean 10⁴σ, outliers at the very positions the accelerators' shift is sampled
+  from (all but the median, and all of them), batches sorted by value, heavy tails, the
+  first position of every sequence far off, a constant channel, and a mask that leaves the
+  devices' shards uneven and one empty. Each cell is the error and, in brackets, its ratio
+  to what jbn promises: 1e-5 where |y| ≤ 10, 1e-6·|y| beyond.
 """
 
 from __future__ import annotations
@@ -22,12 +30,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jbn  # noqa: E402
+from jbn import _stats  # noqa: E402
 
 RATIOS = (1e2, 1e3, 1e4)
 EPS = 1e-5
+PATHS = {"cpu": None, "accelerator": _stats.SHIFTED}
 
 
 def data(ratio: float, shape=(4096, 8), seed: int = 0) -> np.ndarray:
@@ -42,13 +53,29 @@ def running_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(0).astype(np.float32), values.var(0, ddof=1).astype(np.float32)
 
 
-def exact(x: np.ndarray, training: bool) -> np.ndarray:
-    values = x.astype(np.float64)
+def exact(x: np.ndarray, training: bool, mask: np.ndarray | None = None) -> np.ndarray:
+    """float64 batch norm of (N, C) or (N, C, L) x over its valid values; no affine."""
+    values = np.moveaxis(x.astype(np.float64), 1, -1)
     if training:
-        mean, var = values.mean(0), values.var(0)
+        valid = values[np.ones(values.shape[:-1], bool) if mask is None else mask]
+        mean, var = valid.mean(0), valid.var(0)
     else:
         mean, var = (v.astype(np.float64) for v in running_statistics(x))
-    return (values - mean) / np.sqrt(var + EPS)
+    return np.moveaxis((values - mean) / np.sqrt(var + EPS), -1, 1)
+
+
+def jbn_training(x, mask=None, devices: int = 1) -> np.ndarray:
+    """jbn's y in training mode, no affine, on one device or split over ``devices``."""
+    if devices == 1:
+        return jbn.batchnorm({}, {}, jnp.asarray(x), True, mask=mask)[0]
+    mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
+    split = jax.jit(jax.shard_map(
+        lambda x, m: jbn.batchnorm({}, {}, x, True, axis_name="data", mask=m)[0],
+        mesh=mesh, in_specs=(P("data"), None if mask is None else P("data")),
+        out_specs=P("data")))
+    on_mesh = NamedSharding(mesh, P("data"))
+    return split(jax.device_put(x, on_mesh),
+                 None if mask is None else jax.device_put(mask, on_mesh))
 
 
 def training_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,16 +84,14 @@ def training_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
     import haiku as hk
     import torch
 
-    devices = jax.device_count()
-    mesh = jax.make_mesh((devices,), ("data",))
-    split = jax.jit(jax.shard_map(
-        lambda x: jbn.batchnorm({}, {}, x, True, axis_name="data")[0],
-        mesh=mesh, in_specs=P("data"), out_specs=P("data")))
-    results = {"jbn": jbn.batchnorm({}, {}, jnp.asarray(x), True)[0],
-               f"jbn, {devices} devices": split(jax.device_put(
-                   x, jax.sharding.NamedSharding(mesh, P("data")))),
-               "torch": torch.nn.functional.batch_norm(torch.from_numpy(x), None, None,
-                                                       training=True).numpy()}
+    results = {}
+    for name, path in PATHS.items():
+        with _stats.scheme(path=path):
+            results[f"jbn, {name}"] = np.asarray(jbn_training(x))
+            results[f"jbn, {name}, {jax.device_count()} devices"] = np.asarray(
+                jbn_training(x, devices=jax.device_count()))
+    results["torch"] = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None,
+                                                      training=True).numpy()
     for name, fast in (("flax", True), ("flax two-pass", False)):
         module = nn.BatchNorm(use_running_average=False, use_bias=False, use_scale=False,
                               use_fast_variance=fast)
@@ -112,11 +137,72 @@ def table(outputs, training: bool) -> list[str]:
     return rows
 
 
+def at_sampled_positions(x: np.ndarray, how_many: int, offset: float) -> np.ndarray:
+    """x with the values at the first ``how_many`` positions the accelerators' shift samples
+    moved ``offset`` standard deviations up."""
+    x = x.copy()
+    positions = _stats.sample_starts(x.shape[0], _stats.SHIFT_SAMPLES)[:how_many]
+    x[positions] += offset * x.std(0)
+    return x
+
+
+def edge_cases(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Name → (x, mask or None): float32 data chosen against the statistics."""
+    n, c = 4096, 8
+    normal = rng.normal(size=(n, c))
+    half = _stats.SHIFT_SAMPLES // 2
+    cases = {f"mean 1e4σ, σ = {sigma:g}": (((1e4 + normal) * sigma).astype(np.float32), None)
+             for sigma in (1e-3, 1.0, 1e3)}
+    cases.update({
+        f"{half} of {_stats.SHIFT_SAMPLES} sampled values at +100σ": (
+            at_sampled_positions((1e4 + normal).astype(np.float32), half, 100), None),
+        f"all {_stats.SHIFT_SAMPLES} sampled values at +3σ": (
+            at_sampled_positions((1e4 + normal).astype(np.float32), n, 3), None),
+        f"all {_stats.SHIFT_SAMPLES} sampled values at +10σ": (
+            at_sampled_positions((1e4 + normal).astype(np.float32), n, 10), None),
+        "sorted by value, mean 1e4σ": (np.sort(1e4 + normal, axis=0).astype(np.float32), None),
+        "Student-t(2) at 1e4": ((1e4 + rng.standard_t(2, (n, c))).astype(np.float32), None),
+        "lognormal(0, 2) at 1e4": ((1e4 + rng.lognormal(0, 2, (n, c))).astype(np.float32),
+                                   None),
+    })
+    sequences = 1e4 + rng.normal(size=(72, c, 64))
+    sequences[:, :, 0] += 100  # the first position of every sequence, far off
+    cases["first of each sequence at +100σ, (72, 8, 64)"] = (sequences.astype(np.float32), None)
+    constant = (1e4 + normal).astype(np.float32)
+    constant[:, 0] = np.float32(12345.678)
+    cases["a constant channel, 12345.678"] = (constant, None)
+    uneven = rng.random(n) < 0.5
+    uneven[n // 8: n // 4] = False  # the second device's shard holds no valid value
+    cases["masked, uneven shards, one empty"] = ((1e4 + normal).astype(np.float32), uneven)
+    return cases
+
+
+def edge_table() -> list[str]:
+    devices = jax.device_count()
+    columns = [(name, path, d) for name, path in PATHS.items() for d in (1, devices)]
+    rows = ["| data | " + " | ".join(f"jbn, {name}{'' if d == 1 else f', {d} devices'}"
+                                      for name, _, d in columns) + " |",
+            "|---" * (len(columns) + 1) + "|"]
+    for case, (x, mask) in edge_cases(np.random.default_rng(0)).items():
+        expected = exact(x, True, mask)
+        allowed = np.maximum(1e-5, 1e-6 * np.abs(expected))
+        cells = []
+        for _, path, d in columns:
+            with _stats.scheme(path=path):
+                y = np.asarray(jbn_training(x, mask, d), np.float64)
+            error = np.abs(y - expected)
+            cells.append(f"{error.max():.1e} ({(error / allowed).max():.2f})")
+        rows.append(f"| {case} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     print("Training (batch statistics):\n")
     print("\n".join(table(training_outputs, True)))
     print("\nEval (running statistics):\n")
     print("\n".join(table(eval_outputs, False)))
+    print("\nEdges (training; error, and its ratio to the promise):\n")
+    print("\n".join(edge_table()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import numpy as np
 
 import jbn
 from benchmarks import harness
-from benchmarks.__main__ import _shape
 from benchmarks.ensemble import median_seconds
 from jbn import _stats
 
@@ -52,7 +51,8 @@ def compile_seconds(plain_only: bool, params, state, x, reps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.branch", description=__doc__)
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=list(harness.SHAPES),
+    parser.add_argument("--shapes", nargs="+", type=harness.parse_shape,
+                        default=list(harness.SHAPES),
                         metavar="NxCx...", help="shapes of x, channel on axis 1")
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--compile-reps", type=int, default=5)

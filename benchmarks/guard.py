@@ -21,68 +21,58 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jbn
+from benchmarks import harness
 from jbn import _stats
 
-CANDIDATES = (4.0, 10.0, 16.0, 25.0, 36.0, 100.0)
+CANDIDATES = (4.0, 9.0, 12.0, 16.0, 20.0, 25.0)
 SEEDS = 3
-SHAPES = ((4096, 8), (2**20, 2))
+SHAPES = ((4096, 8), (2**20, 2), *harness.SHAPES)
 
 
-def boundary_error(bound: float, shape: tuple[int, int]) -> float:
-    """Max abs error of y with the plain sums forced, every channel's mean at √bound·σ, the
-    worst over a few data sets."""
+def boundary_error(bound: float, shape: tuple[int, ...]) -> float:
+    """Max abs error of y with the plain sums, every channel's mean at √bound·σ, the worst
+    over a few data sets."""
     return max(_boundary_error(bound, shape, seed) for seed in range(SEEDS))
 
 
-def _boundary_error(bound: float, shape: tuple[int, int], seed: int) -> float:
+def _boundary_error(bound: float, shape: tuple[int, ...], seed: int) -> float:
     rng = np.random.default_rng(seed)
-    std = rng.uniform(0.5, 2.0, shape[1])
+    axes = tuple(i for i in range(len(shape)) if i != 1)
+    per_channel = [1] * len(shape)
+    per_channel[1] = shape[1]
+    std = rng.uniform(0.5, 2.0, per_channel)
     z = rng.standard_normal(shape)
-    z = (z - z.mean(0)) / z.std(0)  # mean 0 and σ 1 exactly, before scaling
+    z = (z - z.mean(axes, keepdims=True)) / z.std(axes, keepdims=True)  # mean 0, σ 1 exactly
     x = (std * (z + math.sqrt(bound))).astype(np.float32)
     values = x.astype(np.float64)
-    expected = (values - values.mean(0)) / np.sqrt(values.var(0) + 1e-5)
-    # A hair above the bound, so that rounding cannot tip it; traces read the bound, so the
-    # cached ones go, before and after.
-    previous, _stats.CANCELLATION_BOUND = _stats.CANCELLATION_BOUND, bound * 1.001
-    jax.clear_caches()
-    try:
+    expected = ((values - values.mean(axes, keepdims=True))
+                / np.sqrt(values.var(axes, keepdims=True) + 1e-5))
+    # A hair above the bound, so that rounding cannot tip it.
+    with _stats.scheme(path=_stats.GUARDED, bound=bound * 1.001) as scheme:
         y = jbn.batchnorm({}, {}, jnp.asarray(x), True)[0]
-        taken = _stats.moments(jnp.asarray(x), None, _stats.Batch(2, 1)).exact
-    finally:
-        _stats.CANCELLATION_BOUND = previous
-        jax.clear_caches()
-    assert not taken, "the plain path was meant to run"
+        plain = _stats.plain_sums_suffice(
+            *_stats.plain_sums(jnp.asarray(x), None, _stats.Batch(len(shape), 1)), scheme.bound)
+    assert plain, "the plain path was meant to run"
     return float(np.max(np.abs(np.asarray(y, np.float64) - expected)))
 
 
 def training_ratios(example: str, argv: list[str]) -> np.ndarray:
-    """(max over channels of |mean|/σ, size) of each batch norm's input, for every training
-    call of ``examples/<example>.py`` run with ``argv``."""
+    """(max over channels of |mean|/σ, values normalized) of each batch-statistics call of
+    ``examples/<example>.py`` run with ``argv``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
     module = importlib.import_module(example)
     ratios = []
 
-    def recording(params, state, x, training, *, mask=None, axis=1, **kwargs):
-        if training:
-            batch = _stats.Batch(x.ndim, axis % x.ndim)
-            valid = None if mask is None else jnp.expand_dims(
-                mask, tuple(range(mask.ndim, x.ndim)))
-            m = _stats.moments(x, valid, batch)
-            ratio = jnp.max(jnp.abs(m.mean) / jnp.sqrt(m.variance))
-            jax.debug.callback(lambda r, size=x.size: ratios.append((float(r), size)), ratio)
-        return original(params, state, x, training, mask=mask, axis=axis, **kwargs)
+    def record(count, mean, variance):
+        ratio = np.max(np.abs(mean) / np.sqrt(np.maximum(variance, np.finfo(np.float32).tiny)))
+        ratios.append((float(ratio), float(np.sum(count)) * mean.shape[-1]))
 
-    original, module.jbn.batchnorm = jbn.batchnorm, recording
-    try:
+    with _stats.scheme(observe=record):
         module.main(argv)
-    finally:
-        module.jbn.batchnorm = original
     return np.asarray(ratios)
 
 
@@ -100,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {len(ratios)} batch-norm calls in training; max |mean|/σ over the "
               f"channels of a call: median {np.median(ratios):.2f}, 95th percentile "
               f"{np.percentile(ratios, 95):.2f}, max {ratios.max():.2f}")
-    header = ["τ (bound on mean²/σ²)"] + [f"y error at the bound, {m}×{c}" for m, c in SHAPES]
+    header = ["τ (bound on mean²/σ²)"] + [f"y error at the bound, {'×'.join(map(str, s))}"
+                                          for s in SHAPES]
     header += [f"exact path, {name}: calls (elements)" for name in runs]
     print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
     for bound in CANDIDATES:

@@ -7,6 +7,7 @@ hits all of them alike and their ratios come from one window of time.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import gc
@@ -288,7 +289,7 @@ def _mode_table(report: Report, shapes, mode: str) -> list[str]:
                 held = row.residual_bytes
                 cells += ["n/a" if held is None else f"{held / (math.prod(shape) * 4):.2f}",
                           {True: "yes", False: "**NO**", None: "n/a"}[row.agrees]]
-            lines.append(_table_line(cells))
+            lines.append(table_line(cells))
     return lines
 
 
@@ -300,7 +301,7 @@ def _floor_table(report: Report, shapes) -> list[str]:
         copies = [report.evals[shape].median / floor,
                   report.row(shape, "train", "jbn").median / floor,
                   report.row(shape, "grad", "jbn").median / floor]
-        lines.append(_table_line([_shape(shape), _duration(floor),
+        lines.append(table_line([_shape(shape), _duration(floor),
                                   *(f"{c:.2f} copies" for c in copies)]))
     return lines
 
@@ -371,17 +372,29 @@ def targets(report: Report, shapes) -> list[tuple[str, str, bool | None]]:
 def _targets(report: Report, shapes) -> list[str]:
     lines = _table_header(["target", "measured", "met"])
     for target, measured, met in targets(report, shapes):
-        lines.append(_table_line([target, measured, {True: "yes", False: "**no**",
+        lines.append(table_line([target, measured, {True: "yes", False: "**no**",
                                                      None: "—"}[met]]))
     return lines
 
 
 def _table_header(cells: list[str]) -> list[str]:
-    return [_table_line(cells), _table_line(["---"] * len(cells))]
+    return [table_line(cells), table_line(["---"] * len(cells))]
 
 
-def _table_line(cells: list[str]) -> str:
+def table_line(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A shape from the command line: sizes joined by x, like 64x256x256."""
+    try:
+        shape = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is sizes joined by x, like 64x256x256; "
+                                         f"got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs a batch and a channel axis, got {text!r}")
+    return shape
 
 
 def _shape(shape: tuple[int, ...]) -> str:
