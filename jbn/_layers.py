@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbn._batchnorm import batchnorm
+from jbn._call import check_layer
 
 # The keywords of batchnorm that a layer fixes when it is built; mask changes with each
 # batch, so the layer takes it per call. Read from the signature, so that a new keyword of
@@ -111,7 +112,8 @@ def _hashable(value: Any) -> Any:
 def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping[str, Any],
                    states: Mapping[str, Any], states_name: str) -> None:
     """Checks that ``params``/``states`` (path → jbn dict) cover exactly the ``built``
-    layers (path → their current params and state) with the same keys, shapes and dtypes."""
+    layers (path → their current params and state), each a layer as ``batchnorm`` takes it
+    with the same keys, shapes and dtypes as the built one."""
     for name, given in (("params", params), (states_name, states)):
         if set(given) != set(built):
             raise ValueError(f"{name} must have the paths of the model's batch norms; missing "
@@ -123,6 +125,10 @@ def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping
                 for key, value in entries.items()}
 
     for path, current in built.items():
+        try:
+            check_layer(params[path], states[path], channels=check_layer(*current))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {path!r}: {error}") from None
         for name, new, old in zip(("params", states_name), (params[path], states[path]),
                                   current, strict=True):
             if layout(new) != layout(old):

@@ -1,5 +1,5 @@
 """The normalization with batch statistics and its derivative rule; eval mode's normalization
-with given statistics (``normalize_with``) and its folded form (``fold``).
+with given statistics (``normalize_with``) and its folded form (``folded``).
 
 .. math::
 
@@ -7,7 +7,7 @@ with given statistics (``normalize_with``) and its folded form (``fold``).
     y = w\\, \\hat x + b,
 
 with :math:`\\mu, \\sigma^2` the mean and biased variance of the valid values of ``x``
-(``_stats.moments``). Differentiating through the statistics, with :math:`N` the number of
+(``_stats.statistics``). Differentiating through the statistics, with :math:`N` the number of
 valid values and :math:`\\langle v\\rangle = \\frac1N \\sum_{\\text{valid}} v` their mean,
 
 .. math::
@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from jbn._stats import Batch, BatchStatistics, Moments, compute_dtype, moments
+from jbn._reduction import Reduction, compute_dtype
+from jbn._stats import Statistics, statistics
 
 
 class Renorm(NamedTuple):
@@ -67,112 +68,110 @@ class Renorm(NamedTuple):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def normalize(
-    batch: Batch,
+    reduction: Reduction,
     eps: float,
     x: Array,
     valid: Array | None,
     weight: Array | None,
     bias: Array | None,
     renorm: Renorm | None = None,
-) -> tuple[Array, BatchStatistics]:
+) -> tuple[Array, Statistics]:
     """Batch-normalizes ``x`` with the statistics of its own valid values.
 
     Args:
-      batch: the axes and devices the statistics run over.
+      reduction: the axes and devices the statistics run over.
       eps: added to the variance.
-      x: the input, channel at ``batch.channel_axis``.
+      x: the input, channel at ``reduction.channel_axis``.
       valid: None or a boolean array broadcastable to ``x`` (size 1 on the channel axis).
       weight, bias: (C,) affine parameters, or both None.
       renorm: None, or batch renormalization's running statistics and limits; they carry
         no derivative.
 
     Returns:
-      ``y`` in ``x.dtype``, and the batch statistics in at least float32.
+      ``y`` in ``x.dtype``, and the batch's statistics in at least float32, which carry no
+      derivative (their tangents are zeros).
     """
-    y, m, _, _ = _forward(batch, eps, x, valid, weight, bias, renorm)
-    return y, _statistics(m)
+    y, stats, _, _ = _forward(reduction, eps, x, valid, weight, bias, renorm)
+    return y, stats
 
 
-def _forward(batch, eps, x, valid, weight, bias, renorm):
-    m = moments(x, valid, batch)
-    inv_std = lax.rsqrt(m.variance + eps)
-    correction = _correction(m, inv_std, eps, renorm)
-    xhat = _standardized(batch, x, m, inv_std)
-    y = _affine(batch, xhat, *_corrected(correction, weight, bias)).astype(x.dtype)
-    return y, m, inv_std, correction
+def _forward(reduction, eps, x, valid, weight, bias, renorm):
+    stats = statistics(x, valid, reduction)
+    inv_std = lax.rsqrt(stats.variance + eps)
+    factors = _renorm_factors(stats, inv_std, eps, renorm)
+    xhat = _standardized(reduction, x, stats, inv_std)
+    y = _affine(reduction, xhat, *_renormalized(factors, weight, bias)).astype(x.dtype)
+    return y, stats, inv_std, factors
 
 
-def _correction(m: Moments, inv_std: Array, eps: float,
-                renorm: Renorm | None) -> tuple[Array, Array] | None:
+def _renorm_factors(stats: Statistics, inv_std: Array, eps: float,
+                    renorm: Renorm | None) -> tuple[Array, Array] | None:
     """Batch renormalization's r = clip(σ_B/σ, 1/rmax, rmax) and
     d = clip((μ_B − μ)/σ, −dmax, dmax), σ = √(running_var + eps), as constants."""
     if renorm is None:
         return None
-    dtype = m.shift.dtype
+    dtype = stats.shift.dtype
     running_mean, running_var, rmax, dmax = (v.astype(dtype) for v in renorm)
     inv_sigma = lax.rsqrt(running_var + eps)
     r = jnp.clip(inv_sigma / inv_std, 1 / rmax, rmax)
     # μ_B − μ with the mean's pair: (shift − μ) first, where the two may be close.
-    d = jnp.clip(((m.shift - running_mean) + m.mean_offset) * inv_sigma, -dmax, dmax)
+    d = jnp.clip(((stats.shift - running_mean) + stats.mean_offset) * inv_sigma, -dmax, dmax)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def _corrected(correction: tuple[Array, Array] | None, weight: Array | None,
-               bias: Array | None) -> tuple[Array | None, Array | None]:
-    """The affine parameters that apply renormalization's r and d: (r·w, d·w + b). Linear in
-    (w, b), so it maps their tangents as well."""
-    if correction is None:
+def _renormalized(factors: tuple[Array, Array] | None, weight: Array | None,
+                  bias: Array | None) -> tuple[Array | None, Array | None]:
+    """The affine parameters that apply batch renormalization's r and d: (r·w, d·w + b),
+    or (r, d) without affine. Linear in (w, b), so it maps their tangents as well."""
+    if factors is None:
         return weight, bias
-    r, d = correction
+    r, d = factors
     if weight is None:
         return r, d
     return r * weight, d * weight + bias
 
 
-def _standardized(batch: Batch, x: Array, m: Moments, inv_std: Array) -> Array:
+def _standardized(reduction: Reduction, x: Array, stats: Statistics, inv_std: Array) -> Array:
     # (x − shift) is exact for data near the shift; subtracting the small mean_offset
     # afterwards keeps the mean finer than the input precision.
-    centered = x.astype(m.shift.dtype) - batch.per_channel(m.shift)
-    return (centered - batch.per_channel(m.mean_offset)) * batch.per_channel(inv_std)
+    centered = x.astype(stats.shift.dtype) - reduction.per_channel(stats.shift)
+    return (centered - reduction.per_channel(stats.mean_offset)) * reduction.per_channel(inv_std)
 
 
-def _affine(batch: Batch, xhat: Array, weight: Array | None, bias: Array | None) -> Array:
+def _affine(reduction: Reduction, xhat: Array, weight: Array | None,
+            bias: Array | None) -> Array:
     if weight is None:
         return xhat
-    return xhat * batch.per_channel(weight) + batch.per_channel(bias)
-
-
-def _statistics(m: Moments) -> BatchStatistics:
-    return BatchStatistics(m.count, m.mean, m.variance)
+    return xhat * reduction.per_channel(weight) + reduction.per_channel(bias)
 
 
 @normalize.defjvp
-def _normalize_jvp(batch, eps, primals, tangents):
+def _normalize_jvp(reduction, eps, primals, tangents):
     x, valid, weight, bias, renorm = primals
     dx, _, dweight, dbias, _ = tangents
-    y, m, inv_std, correction = _forward(batch, eps, x, valid, weight, bias, renorm)
+    y, stats, inv_std, factors = _forward(reduction, eps, x, valid, weight, bias, renorm)
     # Renormalization is batch norm with the affine parameters (r·w, d·w + b), r and d
     # constant; without affine, (r, d), constant too.
     if weight is not None:
-        dweight, dbias = _corrected(correction, dweight, dbias)
-    weight, _ = _corrected(correction, weight, bias)
+        dweight, dbias = _renormalized(factors, dweight, dbias)
+    weight, _ = _renormalized(factors, weight, bias)
 
     @jax.checkpoint
-    def tangent_map(x, m, inv_std, weight, dx, dweight, dbias):
+    def tangent_map(x, stats, inv_std, weight, dx, dweight, dbias):
         # One copy of the shift for the sum and one for ẏ, opaque to XLA: each x − shift then
         # fuses into its own pass over x, where a shared one would be written to memory.
         # Unlike the statistics, these sums take no plain path: under reverse mode they are
         # transposed into ẏ's elementwise pass, and a branch there would write its x-sized
         # output to memory (7.4 copies of x for forward+backward instead of 4.1), where the
         # shift costs only some 10 % of one reduction (Σ ct·(x − shift) against Σ ct·x).
-        shift_sum, shift_dy = lax.optimization_barrier((m.shift, m.shift))
-        dtype = m.shift.dtype
+        shift_sum, shift_dy = lax.optimization_barrier((stats.shift, stats.shift))
+        dtype = stats.shift.dtype
         dx = dx.astype(dtype)
-        centered = x.astype(dtype) - batch.per_channel(shift_sum)
+        centered = x.astype(dtype) - reduction.per_channel(shift_sum)
         # ⟨ẋ⟩ and ⟨(x − shift)·ẋ⟩ over the whole batch: one all-reduce.
-        sums = batch.psum(batch.sum(dx, valid), batch.sum(centered * dx, valid))
-        mean_dx, mean_centered_dx = (total / jnp.maximum(m.count, 1) for total in sums)
-        mean_xhat_dx = (mean_centered_dx - m.mean_offset * mean_dx) * inv_std
+        sums = reduction.psum(reduction.sum(dx, valid), reduction.sum(centered * dx, valid))
+        mean_dx, mean_centered_dx = (total / jnp.maximum(stats.count, 1) for total in sums)
+        mean_xhat_dx = (mean_centered_dx - stats.mean_offset * mean_dx) * inv_std
         # ẏ = scale·ẋ + slope·x̂ + intercept, per-channel coefficients:
         scale = inv_std if weight is None else inv_std * weight
         slope = -scale * mean_xhat_dx
@@ -181,17 +180,18 @@ def _normalize_jvp(batch, eps, primals, tangents):
             slope, intercept = slope + dweight, intercept + dbias
         # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
-        centered = x.astype(dtype) - batch.per_channel(shift_dy)
-        dy = (dx * batch.per_channel(scale) + centered * batch.per_channel(inv_std * slope)
-              + batch.per_channel(intercept - m.mean_offset * inv_std * slope))
-        dstats = BatchStatistics(jnp.zeros_like(m.count), mean_dx, 2 * mean_xhat_dx / inv_std)
-        return dy.astype(x.dtype), dstats
+        centered = x.astype(dtype) - reduction.per_channel(shift_dy)
+        dy = (dx * reduction.per_channel(scale)
+              + centered * reduction.per_channel(inv_std * slope)
+              + reduction.per_channel(intercept - stats.mean_offset * inv_std * slope))
+        return dy.astype(x.dtype)
 
-    dy, dstats = tangent_map(x, m, inv_std, weight, dx, dweight, dbias)
-    return (y, _statistics(m)), (dy, dstats)
+    dy = tangent_map(x, stats, inv_std, weight, dx, dweight, dbias)
+    # The statistics feed only the running state, which carries no derivative.
+    return (y, stats), (dy, jax.tree.map(jnp.zeros_like, stats))
 
 
-def normalize_with(batch: Batch, eps: float, x: Array, mean: Array, var: Array,
+def normalize_with(reduction: Reduction, eps: float, x: Array, mean: Array, var: Array,
                    weight: Array | None, bias: Array | None) -> Array:
     """Normalizes ``x`` with given statistics (eval mode): ``y = (x − mean)·s + b``,
     ``s = w/√(var + eps)``.
@@ -204,14 +204,15 @@ def normalize_with(batch: Batch, eps: float, x: Array, mean: Array, var: Array,
     """
     dtype = compute_dtype(jnp.promote_types(x.dtype, mean.dtype))
     scale = _scale(weight, var.astype(dtype), eps)
-    y = (x.astype(dtype) - batch.per_channel(mean.astype(dtype))) * batch.per_channel(scale)
+    y = (x.astype(dtype) - reduction.per_channel(mean.astype(dtype))) * reduction.per_channel(
+        scale)
     if bias is not None:
-        y = y + batch.per_channel(bias)
+        y = y + reduction.per_channel(bias)
     return y.astype(x.dtype)
 
 
-def fold(weight: Array | None, bias: Array | None, mean: Array, var: Array,
-         eps: float) -> tuple[Array, Array]:
+def folded(weight: Array | None, bias: Array | None, mean: Array, var: Array,
+           eps: float) -> tuple[Array, Array]:
     """Eval-mode batch norm as one multiply-add: ``y = x·scale + shift`` with
     ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine).
 

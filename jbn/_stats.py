@@ -1,4 +1,4 @@
-"""Per-channel batch statistics: masks, moments on each platform, cross-device combination.
+"""Per-channel batch statistics: masks, statistics on each platform, cross-device combination.
 
 This module is the single owner of how jbn computes E[x] and Var[x]. The details it takes
 care of:
@@ -8,7 +8,7 @@ care of:
   The difference cancels by a factor ``1 + (mean − K)²/σ²`` of relative precision (the
   textbook ``E[x²] − E[x]²``, ``K = 0``, loses every digit at mean = 10⁴ σ), so what matters
   is a ``K`` within a few σ of the mean. How ``K`` is found differs by platform
-  (``moments``): on a CPU a branch is cheap and a second pass costs time, on a GPU or TPU a
+  (``statistics``): on a CPU a branch is cheap and a second pass costs time, on a GPU or TPU a
   branch costs a host round trip and a pass costs little.
 * **The mean as a pair.** ``shift``, the mean rounded to the compute dtype, and
   ``mean_offset``, the remainder below its rounding error. ``x − shift`` is exact for data
@@ -26,14 +26,13 @@ care of:
 * **Ensembles.** Under ``jax.vmap`` over independent members, the CPU's branch is chosen for
   all of them together (exact if any member needs it), so ``lax.cond`` stays a branch and
   does not become a select that computes both.
-* **Ghost batches.** With ``Batch.group_size = k``, every group of ``k`` consecutive
-  examples along axis 0 has its own moments, of shape (G, C), with the same sums, its own
-  shift and the same pair for the mean. A group lies within one device, so its sums take no
-  all-reduce.
-* **What the running state learns** (``population_estimate``): the mean and the unbiased
-  variance ``M2/(n − 1)`` of the valid values; over ghost groups, the mean of all valid
-  values and the pooled within-group variance ``Σ M2_g / Σ (n_g − 1)``, which for groups of
-  equal counts is the mean of the groups' own unbiased variances.
+* **Ghost batches.** With ``virtual_batch_size = k``, every group of ``k`` consecutive
+  examples along axis 0 has its own statistics, of shape (G, C), with the same sums, its own
+  shift and the same pair for the mean. A ghost batch lies within one device, so its sums
+  take no all-reduce.
+* **What the running state learns** (``Statistics.pooled``): the mean and the unbiased
+  variance ``M2/(n − 1)`` of the valid values; over ghost batches, the mean of all valid
+  values and the pooled within-batch variance ``Σ M2_g / Σ (n_g − 1)``.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -50,71 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 from jax.sharding import PartitionSpec as P
-from jax.typing import DTypeLike
 
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Which values share one set of statistics: every axis of ``x`` but ``channel_axis``,
-    on every device along ``axis_name`` (within its group of ``axis_index_groups``); or,
-    with ``group_size = k`` (ghost batches), each group of ``k`` consecutive examples along
-    axis 0 of this device's ``x``, every axis but ``channel_axis`` (never 0) within it.
-
-    Static and hashable, so it can ride along as a non-differentiable argument.
-    """
-
-    ndim: int
-    channel_axis: int
-    axis_name: Hashable | tuple[Hashable, ...] | None = None
-    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
-    group_size: int | None = None
-
-    @property
-    def reduce_axes(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.ndim) if i != self.channel_axis)
-
-    def per_channel(self, v: Array) -> Array:
-        """Reshapes a (C,) vector, or (G, C) per ghost group, to broadcast against x along
-        the channel axis (and, per group, along axis 0)."""
-        shape = [1] * self.ndim
-        shape[self.channel_axis] = v.shape[-1]
-        if v.ndim == 2:
-            # Each group's row for each of its examples: a broadcast XLA fuses into its user.
-            v = jnp.repeat(v, self.group_size, axis=0)
-            shape[0] = v.shape[0]
-        return v.reshape(shape)
-
-    def sum(self, v: Array, valid: Array | None) -> Array:
-        """Σ over this device's valid positions, per channel: (C,), or (G, C) per group."""
-        if valid is not None:
-            v = jnp.where(valid, v, 0)
-        if self.group_size is None:
-            return jnp.sum(v, axis=self.reduce_axes)
-        # Per example first, (N, C), then per group: XLA's CPU backend runs these two
-        # reductions faster than one over a (G, k, ...) view of x (a training forward of
-        # 64×64×32×32 in about 1.3 copies of x, as without groups, instead of 2.9).
-        per_example = jnp.sum(v, axis=self.reduce_axes[1:])
-        groups = per_example.shape[0] // self.group_size
-        return jnp.sum(per_example.reshape(groups, self.group_size, per_example.shape[1]),
-                       axis=1)
-
-    @property
-    def across_devices(self) -> bool:
-        """Whether the statistics add up over devices (not for ghost groups, which lie within
-        one device)."""
-        return self.axis_name is not None and self.group_size is None
-
-    def psum(self, *values: Array) -> tuple[Array, ...]:
-        """Σ over the devices of ``axis_name``: one all-reduce of all the values (identity
-        unless ``across_devices``)."""
-        if not self.across_devices:
-            return values
-        return _all_devices(self, values)
-
-
-def _all_devices(batch: Batch, values):
-    return lax.psum(values, batch.axis_name, axis_index_groups=batch.axis_index_groups)
-
+from jbn._reduction import Reduction, compute_dtype
 
 # The CPU's plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance,
 # i.e. |mean| ≤ 3σ: Σx² − (Σx)²/n then loses at most a factor 10 of the variance's relative
@@ -129,12 +65,15 @@ CANCELLATION_BOUND = 9.0
 SHIFT_SAMPLES = 33
 
 
-class Moments(NamedTuple):
-    """Per-channel moments of the valid values: ``mean = shift + mean_offset``,
-    ``M2 = Σ (x − mean)²``, ``count`` values per channel (the same for every channel). Over ghost
-    groups, one row per group: ``count`` (G, 1), the others (G, C)."""
+class Statistics(NamedTuple):
+    """Per-channel statistics of the valid values of a batch, from its sums to the running
+    update: ``mean = shift + mean_offset``, ``M2 = Σ (x − mean)²`` over ``count`` values per
+    channel (the same for every channel), and ``degrees``, what ``M2`` is divided by for the
+    unbiased variance (``count − 1``, or pooled over ghost batches ``Σ (n_g − 1)``). Over
+    ghost batches, one row per batch: ``count`` and ``degrees`` (G, 1), the others (G, C)."""
 
     count: Array  # (), or (G, 1)
+    degrees: Array  # like count
     shift: Array  # (C,) or (G, C): the mean, rounded to the compute dtype
     mean_offset: Array  # mean − shift, below the rounding error of shift
     m2: Array
@@ -145,53 +84,36 @@ class Moments(NamedTuple):
 
     @property
     def variance(self) -> Array:
-        """Biased variance M2/n, the one that normalizes (0 when there is no value)."""
+        """Biased variance ``M2/n``, the one that normalizes (0 when there is no value)."""
         return self.m2 / jnp.maximum(self.count, 1)
 
+    @property
+    def unbiased_variance(self) -> Array:
+        """``M2/degrees``, the one the running variance averages (PyTorch's Bessel
+        correction)."""
+        return self.m2 / jnp.maximum(self.degrees, 1)
 
-class BatchStatistics(NamedTuple):
-    """What the running state needs of a batch: its count, mean and biased variance (per
-    ghost group: count (G, 1), the others (G, C))."""
+    @property
+    def informative(self) -> Array:
+        """Whether there is an unbiased variance to learn: 2 valid values, or a ghost batch
+        of 2."""
+        return jnp.all(self.degrees > 0)
 
-    count: Array
-    mean: Array
-    variance: Array
-
-
-class Estimate(NamedTuple):
-    """A batch's estimate of the population statistics, which the running state averages."""
-
-    mean: Array  # (C,)
-    variance: Array  # (C,), unbiased
-    informative: Array  # (), bool: whether there were at least 2 valid values to learn from
-
-
-def population_estimate(stats: BatchStatistics, batch: Batch) -> Estimate:
-    """The mean and unbiased variance the running statistics learn from a batch.
-
-    One set of statistics: ``mean`` and ``n/(n − 1)·variance`` (PyTorch's Bessel
-    correction), informative from ``n ≥ 2`` valid values. Ghost groups: the mean of all valid
-    values, ``Σ n_g·mean_g / Σ n_g``, and the pooled within-group variance
-    ``Σ M2_g / Σ (n_g − 1)`` over the groups of every device along ``axis_name`` (one
-    all-reduce of 2C + 2 values), informative from one group of 2 valid values. For groups of
-    equal counts that is the mean of the group means and of the groups' unbiased variances,
-    the statistics each group was normalized with (Bessel-corrected); a group of fewer valid
-    values weighs less, one of 0 or 1 not at all in the variance.
-    """
-    count, mean, variance = stats
-    if batch.group_size is None:
-        return Estimate(mean, variance * count / (count - 1), count > 1)
-    totals = (jnp.sum(count), jnp.sum(count * mean, axis=0), jnp.sum(count * variance, axis=0),
-              jnp.sum(jnp.maximum(count - 1, 0)))
-    if batch.axis_name is not None:
-        totals = _all_devices(batch, totals)
-    n, sum_x, m2, degrees = totals
-    return Estimate(sum_x / jnp.maximum(n, 1), m2 / jnp.maximum(degrees, 1), degrees > 0)
-
-
-def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
-    """The dtype statistics accumulate in: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+    def pooled(self, reduction: Reduction) -> Statistics:
+        """The statistics the running state learns from: these; over ghost batches, those of
+        every batch on every device along ``axis_name`` pooled (one all-reduce of 2C + 2
+        values): the mean of all valid values, ``Σ n_g·mean_g / Σ n_g``, and the within-batch
+        ``Σ M2_g`` with ``Σ (n_g − 1)`` degrees. For batches of equal counts the unbiased
+        variance is then the mean of the batches' own unbiased variances, those each was
+        normalized with (Bessel-corrected); a batch of fewer valid values weighs less, one
+        of 0 or 1 not at all in the variance."""
+        if reduction.virtual_batch_size is None:
+            return self
+        count, sum_x, m2, degrees = reduction.psum_devices(
+            jnp.sum(self.count), jnp.sum(self.count * self.mean, axis=0),
+            jnp.sum(self.m2, axis=0), jnp.sum(jnp.maximum(self.degrees, 0)))
+        mean = sum_x / jnp.maximum(count, 1)
+        return Statistics(count, degrees, mean, jnp.zeros_like(mean), m2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +124,7 @@ class Scheme:
     forces that path everywhere, so that tests and benchmarks run the accelerators' path on
     a CPU. ``bound``: the guard's ``CANCELLATION_BOUND``. ``samples``: how many values the
     shifted path takes its shift from. ``observe``: None, or a function that each call's
-    moments are passed to (``jax.debug.callback``) as count, mean and biased variance.
+    statistics are passed to (``jax.debug.callback``) as count, mean and biased variance.
     """
 
     path: str | None = None
@@ -231,8 +153,9 @@ def scheme(**changes):
         jax.clear_caches()
 
 
-def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
-    """Moments of ``x`` over ``batch``, counting only positions where ``valid`` is True.
+def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistics:
+    """Statistics of ``x`` over ``reduction``, counting only positions where ``valid`` is
+    True.
 
     Two paths, by platform (``lax.platform_dependent``: only the one compiled for is
     lowered), both sums about a shift ``K`` as the module says:
@@ -262,48 +185,58 @@ def moments(x: Array, valid: Array | None, batch: Batch) -> Moments:
     O(C), whatever the number of devices: no all-gather.
 
     Args:
-      x: the input, channel at ``batch.channel_axis``.
+      x: the input, channel at ``reduction.channel_axis``.
       valid: None (all valid) or a boolean array broadcastable to ``x``, of size 1 along the
         channel axis.
-      batch: the axes and devices the statistics run over.
+      reduction: the axes and devices the statistics run over.
 
     Returns:
-      Moments in ``compute_dtype(x.dtype)``, the same on every device of the batch; with
-      ghost groups (``batch.group_size``), one per group, each within its device.
+      Statistics in ``compute_dtype(x.dtype)``, the same on every device that shares them;
+      with ghost batches (``reduction.virtual_batch_size``), one row per batch, each within
+      its device.
     """
-    return _moments(x, valid, batch, _scheme)
+    try:
+        return _statistics(x, valid, reduction, _scheme)
+    except NotImplementedError as error:
+        if reduction.axis_index_groups is None:
+            raise
+        # jax.shard_map and jax.vmap refuse groups once they transform the psum: the first
+        # psum of a call is here.
+        raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
+                         f"(jax.shard_map and jax.vmap have none): {error}") from None
 
 
 # Jitted so that an eager call compiles its branches once per shape rather than on every call
 # (lax.cond traces the closures it is given anew); inside a traced function it is inlined.
-@partial(jax.jit, static_argnames=("batch", "scheme"))
-def _moments(x: Array, valid: Array | None, batch: Batch, scheme: Scheme) -> Moments:
+@partial(jax.jit, static_argnames=("reduction", "scheme"))
+def _statistics(x: Array, valid: Array | None, reduction: Reduction,
+                scheme: Scheme) -> Statistics:
     dtype = compute_dtype(x.dtype)
     x = x.astype(dtype)
-    guarded = partial(_guarded, x, valid, batch, scheme.bound)
-    shifted = partial(_shifted, x, valid, batch, scheme.samples)
+    guarded = partial(_guarded, x, valid, reduction, scheme.bound)
+    shifted = partial(_shifted, x, valid, reduction, scheme.samples)
     if scheme.path is None:
         # Only the branch of the platform compiled for is lowered: no conditional remains.
-        m = lax.platform_dependent(cpu=guarded, default=shifted)
+        found = lax.platform_dependent(cpu=guarded, default=shifted)
     else:
-        m = {GUARDED: guarded, SHIFTED: shifted}[scheme.path]()
+        found = {GUARDED: guarded, SHIFTED: shifted}[scheme.path]()
     if scheme.observe is not None:
-        jax.debug.callback(scheme.observe, m.count, m.mean, m.variance)
-    return m
+        jax.debug.callback(scheme.observe, found.count, found.mean, found.variance)
+    return found
 
 
-def _guarded(x: Array, valid: Array | None, batch: Batch, bound: float) -> Moments:
+def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) -> Statistics:
     """The plain sums where they cannot cancel, sums about the mean under ``lax.cond``
     otherwise."""
-    count, sum_x, sum_squares = plain_sums(x, valid, batch)
+    count, sum_x, sum_squares = plain_sums(x, valid, reduction)
 
     def about_the_mean(mean):
         # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x and
         # fuses its own x − shift, where a shared x − shift would be written to memory.
         for_sum, for_squares = lax.optimization_barrier((mean, mean))
-        return mean, *batch.psum(
-            batch.sum(x - batch.per_channel(for_sum), valid),
-            batch.sum(jnp.square(x - batch.per_channel(for_squares)), valid))
+        return mean, *reduction.psum(
+            reduction.sum(x - reduction.per_channel(for_sum), valid),
+            reduction.sum(jnp.square(x - reduction.per_channel(for_squares)), valid))
 
     # The branch returns the shift its sums are about, so that what follows uses that very
     # value: computed again outside, XLA may round it otherwise (÷n as ×(1/n), a fused
@@ -312,17 +245,18 @@ def _guarded(x: Array, valid: Array | None, batch: Batch, bound: float) -> Momen
         plain_sums_suffice(count, sum_x, sum_squares, bound),
         lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
         lax.stop_gradient(sum_x / jnp.maximum(count, 1)))
-    return _moments_about(shift, count, sum_deviations, sum_squared_deviations)
+    return _about_shift(shift, count, sum_deviations, sum_squared_deviations)
 
 
-def plain_sums(x: Array, valid: Array | None, batch: Batch) -> tuple[Array, Array, Array]:
+def plain_sums(x: Array, valid: Array | None,
+               reduction: Reduction) -> tuple[Array, Array, Array]:
     """``n``, ``Σx`` and ``Σx²`` over the batch: one all-reduce across devices."""
-    return batch.psum(_count(x.shape, valid, batch, x.dtype), batch.sum(x, valid),
-                      batch.sum(x * x, valid))
+    return reduction.psum(reduction.count(x.shape, valid, x.dtype), reduction.sum(x, valid),
+                          reduction.sum(x * x, valid))
 
 
 def plain_sums_suffice(count: Array, sum_x: Array, sum_squares: Array, bound: float) -> Array:
-    """Whether every channel has mean² ≤ bound·variance: one answer for all ghost groups, and
+    """Whether every channel has mean² ≤ bound·variance: one answer for all ghost batches, and
     for all members of an ensemble under ``jax.vmap``."""
     n = jnp.maximum(count, 1)
     mean = sum_x / n
@@ -334,18 +268,18 @@ def plain_sums_suffice(count: Array, sum_x: Array, sum_squares: Array, bound: fl
         (jnp.abs(mean) <= jnp.sqrt(bound * variance)) & (variance < jnp.inf))))
 
 
-def _shifted(x: Array, valid: Array | None, batch: Batch, samples: int) -> Moments:
+def _shifted(x: Array, valid: Array | None, reduction: Reduction, samples: int) -> Statistics:
     """Sums about a shift taken from the data, in one pass and without a branch."""
-    shift = _sampled_shift(x, valid, batch, samples)
-    count = local_count = _count(x.shape, valid, batch, x.dtype)
-    if batch.across_devices:
+    shift = _sampled_shift(x, valid, reduction, samples)
+    count = local_count = reduction.count(x.shape, valid, x.dtype)
+    if reduction.across_devices:
         # One shift for every device: the count-weighted mean of theirs (a device without
         # valid values weighs nothing), so that the sums below add up.
-        count, weighted = batch.psum(local_count, local_count * shift)
+        count, weighted = reduction.psum(local_count, local_count * shift)
         shift = _rounded(weighted / jnp.maximum(count, 1))
-    centered = x - batch.per_channel(shift)
-    sums = batch.psum(batch.sum(centered, valid), batch.sum(centered * centered, valid))
-    return _moments_about(shift, count, *sums)
+    centered = x - reduction.per_channel(shift)
+    sums = reduction.psum(reduction.sum(centered, valid), reduction.sum(centered * centered, valid))
+    return _about_shift(shift, count, *sums)
 
 
 def _rounded(v: Array) -> Array:
@@ -357,34 +291,34 @@ def _rounded(v: Array) -> Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(v, bits) & ~bits.type(1), v.dtype)
 
 
-def _sampled_shift(x: Array, valid: Array | None, batch: Batch, samples: int) -> Array:
+def _sampled_shift(x: Array, valid: Array | None, reduction: Reduction, samples: int) -> Array:
     """Per channel, the median of ``samples`` valid values of this device's batch, or of each
-    ghost group: (C,), or (G, C).
+    ghost batch: (C,), or (G, C).
 
     Positions count over every axis but the channel axis, in the order of ``x``. The values
     sit at ``samples`` starts spread by the golden ratio (a Weyl sequence: even coverage of
     the batch, in step with no period of its layout, such as the first position of every
     sequence or image), or with a mask at the first valid position at or after each start,
     wrapping around to the first valid position."""
-    channels = x.shape[batch.channel_axis]
+    channels = x.shape[reduction.channel_axis]
+    ghost = reduction.virtual_batch_size
     if x.size == 0:  # nothing to sample, and no sum the shift would enter
-        groups = 0 if batch.group_size else 1
-        return jnp.zeros((groups, channels) if batch.group_size else (channels,), x.dtype)
-    if not batch.reduce_axes:  # one example under jax.vmap: its own value
+        return jnp.zeros((0, channels) if ghost else (channels,), x.dtype)
+    if not reduction.reduce_axes:  # one example under jax.vmap: its own value
         return x
-    # The batch as (G, group, ...) without the channel axis: G = 1 without ghost groups. Only
+    # The batch as (G, k, ...) without the channel axis: G = 1 without ghost batches. Only
     # axis 0 is split, never merged with another, which a sharded x would not allow.
-    groups = 1 if batch.group_size is None else x.shape[0] // batch.group_size
-    dims = [x.shape[i] for i in batch.reduce_axes]
-    dims[0] //= groups
+    batches = 1 if ghost is None else x.shape[0] // ghost
+    dims = [x.shape[i] for i in reduction.reduce_axes]
+    dims[0] //= batches
     size = math.prod(dims)
     starts = sample_starts(size, samples)
     if valid is None:
-        position = np.broadcast_to(starts, (groups, samples))
+        position = np.broadcast_to(starts, (batches, samples))
     else:
-        flags = jnp.broadcast_to(valid, [1 if i == batch.channel_axis else n
+        flags = jnp.broadcast_to(valid, [1 if i == reduction.channel_axis else n
                                          for i, n in enumerate(x.shape)])
-        flags = jnp.squeeze(flags, batch.channel_axis).reshape(groups, *dims)
+        flags = jnp.squeeze(flags, reduction.channel_axis).reshape(batches, *dims)
         at = sum(lax.broadcasted_iota(jnp.int32, flags.shape, 1 + k) * math.prod(dims[k + 1:])
                  for k in range(len(dims)))
         taken = jnp.where(flags, at, size)  # (G, ...): a valid value's position, or `size`
@@ -395,16 +329,16 @@ def _sampled_shift(x: Array, valid: Array | None, batch: Batch, samples: int) ->
         position = jnp.minimum(position, size - 1)  # no valid value: any position will do
     index = list(jnp.unravel_index(position, dims) if valid is not None
                  else np.unravel_index(position, dims))
-    index[0] = index[0] + np.arange(groups)[:, None] * dims[0]
-    index.insert(batch.channel_axis, slice(None))
+    index[0] = index[0] + np.arange(batches)[:, None] * dims[0]
+    index.insert(reduction.channel_axis, slice(None))
     # Gathered replicated, wherever x lies: a sharded x then adds an all-reduce of
     # G × samples × C values.
     values = x.at[tuple(index)].get(
         mode="promise_in_bounds", out_sharding=jax.typeof(x).sharding.update(spec=P()))
-    if batch.channel_axis == 0:  # index arrays side by side keep their place: (C, G, S)
+    if reduction.channel_axis == 0:  # index arrays side by side keep their place: (C, G, S)
         values = jnp.moveaxis(values, 0, -1)
     median = jnp.sort(values, axis=1)[:, samples // 2]
-    return median if batch.group_size is not None else median[0]
+    return median if ghost else median[0]
 
 
 def sample_starts(size: int, samples: int) -> np.ndarray:
@@ -413,9 +347,9 @@ def sample_starts(size: int, samples: int) -> np.ndarray:
     return (size * ((0.5 + np.arange(samples) * (math.sqrt(5) - 1) / 2) % 1)).astype(np.int64)
 
 
-def _moments_about(shift: Array, count: Array, sum_deviations: Array,
-                   sum_squared_deviations: Array) -> Moments:
-    """Moments from ``Σ (x − shift)`` and ``Σ (x − shift)²`` over ``count`` values."""
+def _about_shift(shift: Array, count: Array, sum_deviations: Array,
+                   sum_squared_deviations: Array) -> Statistics:
+    """Statistics from ``Σ (x − shift)`` and ``Σ (x − shift)²`` over ``count`` values."""
     n = jnp.maximum(count, 1)
     offset = sum_deviations / n
     mean = shift + offset
@@ -424,7 +358,7 @@ def _moments_about(shift: Array, count: Array, sum_deviations: Array,
     # division rounds.
     mean_offset = ((shift - mean) * n + sum_deviations) / n
     m2 = jnp.maximum(sum_squared_deviations - sum_deviations * offset, 0)
-    return Moments(count, mean, mean_offset, m2)
+    return Statistics(count, count - 1, mean, mean_offset, m2)
 
 
 @jax.custom_batching.custom_vmap
@@ -439,15 +373,3 @@ def _for_every_member(condition: Array) -> Array:
 def _for_every_member_vmap(axis_size, in_batched, condition):
     del axis_size
     return (jnp.all(condition) if in_batched[0] else condition), False
-
-
-def _count(shape: tuple[int, ...], valid: Array | None, batch: Batch, dtype) -> Array:
-    """Valid values per channel on this device: (), or (G, 1) per ghost group."""
-    if batch.group_size is not None:
-        ones = jnp.ones([1 if i == batch.channel_axis else n for i, n in enumerate(shape)], dtype)
-        return batch.sum(ones, valid)
-    if valid is None:
-        return jnp.asarray(math.prod(shape[i] for i in batch.reduce_axes), dtype)
-    # Axes the mask does not cover (size 1 in ``valid``) multiply the count.
-    uncovered = math.prod(shape[i] for i in batch.reduce_axes if valid.shape[i] == 1)
-    return jnp.sum(valid, dtype=dtype) * uncovered

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 from jbn import _stats
+from jbn._reduction import Reduction
 
 C = 4
 RNG = np.random.default_rng(0)
@@ -137,7 +138,7 @@ def test_an_h100_runs_each_training_call_as_one_cuda_graph_without_a_conditional
 
 def shift_of(x, mask=None, **batch):
     """The accelerators' shift of x (float64, channels on axis 1 unless said otherwise)."""
-    spec = _stats.Batch(x.ndim, batch.pop("channel_axis", 1), **batch)
+    spec = Reduction(x.ndim, batch.pop("channel_axis", 1), **batch)
     valid = None if mask is None else jnp.expand_dims(mask, 1)
     return np.asarray(_stats._sampled_shift(jnp.asarray(x), valid, spec,
                                             _stats.SHIFT_SAMPLES))
@@ -162,7 +163,7 @@ def test_with_a_mask_each_sample_is_the_first_valid_value_at_or_after_its_start(
 
 def test_ghost_groups_sample_each_group_on_its_own():
     x = RNG.normal(size=(4 * 50, C, 3))
-    shifts = shift_of(x, group_size=50)
+    shifts = shift_of(x, virtual_batch_size=50)
     assert shifts.shape == (4, C)
     for g in range(4):
         np.testing.assert_array_equal(shifts[g], shift_of(x[50 * g: 50 * (g + 1)]))

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 import reference
-from jbn._stats import CANCELLATION_BOUND, SHIFTED, Batch, plain_sums, plain_sums_suffice
+from jbn._reduction import Reduction
+from jbn._stats import CANCELLATION_BOUND, SHIFTED, plain_sums, plain_sums_suffice
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
@@ -348,7 +349,7 @@ def test_the_exact_path_runs_exactly_when_a_channel_mean_exceeds_the_bound(over_
     z = (z - z.mean(0)) / z.std(0)  # mean 0 and σ 1 exactly, so the ratio is what is asked
     z[:, 2] += over_the_bound * np.sqrt(CANCELLATION_BOUND)
     shards = jnp.asarray(z.reshape(DEVICES, -1, 4))
-    f = jax.pmap(lambda x: plain_sums_suffice(*plain_sums(x, None, Batch(2, 1, "devices")),
+    f = jax.pmap(lambda x: plain_sums_suffice(*plain_sums(x, None, Reduction(2, 1, "devices")),
                                               CANCELLATION_BOUND), axis_name="devices")
     assert np.all(np.asarray(f(shards)) != exact_path)
 

@@ -322,11 +322,17 @@ def test_from_torch_rejects_a_partial_state_dict_naming_the_missing_key(changes,
 
 @pytest.mark.parametrize("changes, message", [
     ({"running_var": torch.ones(C, 1)},
-     r"'bn\.running_var' has shape \(4, 1\), expected \(4,\) as 'bn\.weight'"),
-    ({"bias": torch.zeros(C + 1)}, r"'bn\.bias' has shape \(5,\), expected \(4,\)"),
-    ({"weight": torch.ones(C, C)}, r"'bn\.weight' has shape \(4, 4\), expected \(C,\)"),
-    ({"running_mean": torch.zeros(C, dtype=torch.int64)}, r"'bn\.running_mean' has dtype int64"),
-    ({"num_batches_tracked": torch.tensor([3])}, r"'bn\.num_batches_tracked' has shape \(1,\)"),
+     r"'bn\.running_var' must have shape \(4,\) \(the size of 'bn\.weight'\) and a floating "
+     r"dtype, got shape \(4, 1\) float32"),
+    ({"bias": torch.zeros(C + 1)},
+     r"'bn\.bias' must have shape \(4,\) \(the size of 'bn\.weight'\) .*got shape \(5,\)"),
+    ({"weight": torch.ones(C, C)},
+     r"'bn\.weight' must have shape \(C,\) and a floating dtype, got shape \(4, 4\)"),
+    ({"running_mean": torch.zeros(C, dtype=torch.int64)},
+     r"'bn\.running_mean' must have .* a floating dtype, got shape \(4,\) int64"),
+    ({"num_batches_tracked": torch.tensor([3])},
+     r"'bn\.num_batches_tracked' must have shape \(\) and an int32 or int64 dtype, got shape "
+     r"\(1,\) int64"),
     ({"num_batches_tracked": torch.tensor(3.0)}, r"'bn\.num_batches_tracked' .*float32"),
     ({"num_batches_tracked": torch.tensor(2**31)}, r"'bn\.num_batches_tracked' is 2147483648"),
 ])
@@ -455,10 +461,12 @@ def test_to_flax_leaves_out_what_jbn_does_not_have():
     (lambda v: v | {"cache": {}}, r"unexpected collections \['cache'\]"),
     (lambda v: {"params": v["params"] | {"scale": jnp.ones((C, 2))},
                 "batch_stats": v["batch_stats"]},
-     r"variables\['params'\]\['scale'\] has shape \(4, 2\), expected \(C,\)"),
+     r"variables\['params'\]\['scale'\] must have shape \(C,\) and a floating dtype, got "
+     r"shape \(4, 2\)"),
     (lambda v: {"params": v["params"],
                 "batch_stats": v["batch_stats"] | {"var": jnp.ones(C + 1)}},
-     r"variables\['batch_stats'\]\['var'\] has shape \(5,\), expected \(4,\)"),
+     r"variables\['batch_stats'\]\['var'\] must have shape \(4,\) \(the size of "
+     r"variables\['params'\]\['scale'\]\) and a floating dtype, got shape \(5,\)"),
 ])
 def test_from_flax_rejects_variables_that_are_not_one_batchnorm(variables, message):
     with pytest.raises(ValueError, match=message):

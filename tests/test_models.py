@@ -164,7 +164,8 @@ def test_from_torch_model_checks_each_layer_against_how_it_was_built():
         jbn.from_torch_model(state_dict, layers=built_otherwise)
     wider = layers | {"sync": layers["sync"] | {"num_features": C + 1}}
     with pytest.raises(ValueError, match=r"layer 'sync' was built with num_features=5, but "
-                                         r"its entries have shape \(4,\)"):
+                                         r"params\['weight'\] must have shape \(5,\) and a "
+                                         r"floating dtype, got shape \(4,\)"):
         jbn.from_torch_model(state_dict, layers=wider)
 
 

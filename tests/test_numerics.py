@@ -10,6 +10,7 @@ import torch
 import jbn
 import reference
 from jbn import _stats
+from jbn._reduction import Reduction
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
@@ -172,7 +173,7 @@ def test_every_channel_at_the_guard_bound_keeps_error_below_1e_5(shape, statisti
     scale = rng.uniform(0.5, 2.0, [shape[1] if i == 1 else 1 for i in range(len(shape))])
     x = jnp.asarray(scale * (z + 0.999 * np.sqrt(_stats.CANCELLATION_BOUND)), jnp.float32)
     if statistics_path is None:  # the CPU's guard lets the plain sums serve here
-        assert _stats.plain_sums_suffice(*_stats.plain_sums(x, None, _stats.Batch(x.ndim, 1)),
+        assert _stats.plain_sums_suffice(*_stats.plain_sums(x, None, Reduction(x.ndim, 1)),
                                          _stats.CANCELLATION_BOUND)
     y, _ = jbn.batchnorm({}, {}, x, True)
     assert np.max(np.abs(np.asarray(y, np.float64) - batch_norm_float64(x))) <= 1e-5

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jbn._batchnorm import Params, State
-from jbn.interop._checks import _check_layer, _check_vectors
+from jbn._call import check_layer
 
 
 def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
@@ -62,9 +62,6 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     if ("mean" in stats) != ("var" in stats):
         missing = "var" if "mean" in stats else "mean"
         raise ValueError(f"variables['batch_stats'][{missing!r}] is missing")
-    _check_vectors({f"variables[{collection!r}][{name!r}]": variables[collection][name]
-                    for collection, names in collections.items() for name in names
-                    if name in variables.get(collection, {})})
     # The explicit dtype makes JAX warn, rather than narrow float64 silently, when x64 is off.
     scale, bias, mean, var = (None if value is None else
                               jnp.asarray(value, dtype=jnp.result_type(value)) for value in (
@@ -76,6 +73,13 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     if mean is not None:
         state = {"running_mean": mean, "running_var": var,
                  "num_batches_tracked": jnp.zeros((), jnp.int32)}
+    check_layer(params, state, names={
+        jbn_name: f"variables[{collection!r}][{name!r}]"
+        for jbn_name, collection, name in (("weight", "params", "scale"),
+                                           ("bias", "params", "bias"),
+                                           ("running_mean", "batch_stats", "mean"),
+                                           ("running_var", "batch_stats", "var"))
+        if name in variables.get(collection, {})})
     return params, state
 
 
@@ -101,7 +105,7 @@ def to_flax(params: Params, state: State) -> dict[str, dict[str, Array]]:
     Raises:
       TypeError, ValueError: for params or state that ``batchnorm`` would not accept.
     """
-    _check_layer(params, state)
+    check_layer(params, state)
     variables = {}
     if params:
         variables["params"] = {"scale": params["weight"], "bias": params["bias"]}

@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbn._batchnorm import _PARAM_KEYS, _STATE_KEYS, Params, State
-from jbn.interop._checks import _check_count, _check_layer, _check_vectors
-
-_VECTOR_KEYS = ("weight", "bias", "running_mean", "running_var")
+from jbn._batchnorm import Params, State
+from jbn._call import PARAM_KEYS, STATE_KEYS, check_layer
 
 
 def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params, State]:
@@ -57,7 +55,7 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params,
 
     PyTorch: the inverse of ``to_torch``; ``module.load_state_dict`` for a jbn layer.
     """
-    found = {name: state_dict[prefix + name] for name in (*_PARAM_KEYS, *_STATE_KEYS)
+    found = {name: state_dict[prefix + name] for name in (*PARAM_KEYS, *STATE_KEYS)
              if prefix + name in state_dict}
     if not found:
         layers = sorted(key[: -len("running_var")] for key in state_dict
@@ -72,23 +70,24 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params,
             raise ValueError(f"{prefix + needs!r} is missing while {prefix + present!r} is present")
 
     arrays = {name: _host_array(value) for name, value in found.items()}
-    _check_vectors({repr(prefix + name): arrays[name] for name in _VECTOR_KEYS if name in arrays})
-    # The explicit dtype makes JAX warn, rather than narrow float64 silently, when x64 is off.
-    vectors = {name: jnp.asarray(arrays[name], dtype=arrays[name].dtype)
-               for name in _VECTOR_KEYS if name in arrays}
     params, state = {}, {}
-    if "weight" in vectors:
-        weight = vectors["weight"]
-        params = {"weight": weight, "bias": vectors.get("bias", jnp.zeros_like(weight))}
-    if "running_mean" in vectors:
-        count = arrays.get("num_batches_tracked", np.zeros((), np.int64))
-        name = repr(prefix + "num_batches_tracked")
-        _check_count(count, name)
+    if "weight" in arrays:
+        params = {"weight": arrays["weight"],
+                  "bias": arrays.get("bias", np.zeros_like(arrays["weight"]))}
+    if "running_mean" in arrays:
+        state = {"running_mean": arrays["running_mean"], "running_var": arrays["running_var"],
+                 "num_batches_tracked": arrays.get("num_batches_tracked",
+                                                   np.zeros((), np.int64))}
+    check_layer(params, state, names={name: repr(prefix + name) for name in found})
+    if state:
+        count = state["num_batches_tracked"]
         if not 0 <= count <= np.iinfo(np.int32).max:
-            raise ValueError(f"{name} is {count}, outside jbn's int32 range [0, 2**31 - 1]")
-        state = {"running_mean": vectors["running_mean"], "running_var": vectors["running_var"],
-                 "num_batches_tracked": jnp.asarray(count, jnp.int32)}
-    return params, state
+            raise ValueError(f"{prefix + 'num_batches_tracked'!r} is {count}, outside jbn's "
+                             "int32 range [0, 2**31 - 1]")
+    # The explicit dtype makes JAX warn, rather than narrow float64 silently, when x64 is off.
+    return ({name: jnp.asarray(value, dtype=value.dtype) for name, value in params.items()},
+            {name: jnp.asarray(value, dtype=jnp.int32 if name == "num_batches_tracked"
+                               else value.dtype) for name, value in state.items()})
 
 
 def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
@@ -117,8 +116,8 @@ def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
 
     PyTorch: ``module.state_dict()``; the inverse of ``from_torch``.
     """
-    _check_layer(params, state)
-    state_dict = {name: np.array(params[name]) for name in _PARAM_KEYS if params}
+    check_layer(params, state)
+    state_dict = {name: np.array(params[name]) for name in PARAM_KEYS if params}
     if state:
         state_dict["running_mean"] = np.array(state["running_mean"])
         state_dict["running_var"] = np.array(state["running_var"])
@@ -172,13 +171,13 @@ def from_torch_model(
     if layers is None:
         layers = {}
         for key in state_dict:
-            for name in _STATE_KEYS:
+            for name in STATE_KEYS:
                 if key == name or key.endswith("." + name):
                     layers.setdefault(key[: -len(name) - 1] if key != name else "", None)
     params, state, taken = {}, {}, set()
     for path, options in layers.items():
         prefix = f"{path}." if path else ""
-        names = [name for name in (*_PARAM_KEYS, *_STATE_KEYS) if prefix + name in state_dict]
+        names = [name for name in (*PARAM_KEYS, *STATE_KEYS) if prefix + name in state_dict]
         taken.update(prefix + name for name in names)
         params[path], state[path] = from_torch(state_dict, prefix) if names else ({}, {})
         if options is not None:
@@ -296,9 +295,8 @@ def _check_built_as(path: str, options: Mapping[str, Any], params: Params, state
         if has != bool(options[option]):
             raise ValueError(f"layer {path!r} was built with {option}={options[option]}, but "
                              f"the state_dict has entries {names} under it")
-    vectors = [*params.values(), *(state[name] for name in ("running_mean", "running_var")
-                                   if name in state)]
-    if vectors and vectors[0].shape != (options["num_features"],):
+    try:
+        check_layer(params, state, channels=options["num_features"])
+    except ValueError as error:
         raise ValueError(f"layer {path!r} was built with num_features="
-                         f"{options['num_features']}, but its entries have shape "
-                         f"{vectors[0].shape}")
+                         f"{options['num_features']}, but {error}") from None

@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from jbn._batchnorm import Params, State, _check_eps
-from jbn._normalize import fold as _fold
-from jbn.interop._checks import _check_layer
+from jbn._batchnorm import Params, State
+from jbn._call import check_eps, check_layer
+from jbn._normalize import folded
 
 
 def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Array]:
@@ -48,14 +48,14 @@ def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Arr
     PyTorch: no function of its own; ``torch.nn.utils.fusion`` folds the same ``s`` and ``t``
     into a layer (``fold_into`` here).
     """
-    _check_layer(params, state)
+    check_layer(params, state)
     if not state:
         raise ValueError("fold needs running statistics, got state == {}: without them eval "
                          "mode normalizes with the statistics of each batch, which no fixed "
                          "scale and shift express")
-    _check_eps(eps)
-    return _fold(params.get("weight"), params.get("bias"),
-                 state["running_mean"], state["running_var"], eps)
+    check_eps(eps)
+    return folded(params.get("weight"), params.get("bias"),
+                  state["running_mean"], state["running_var"], eps)
 
 
 def fold_into(

@@ -1,0 +1,329 @@
+"""The one place where ``batchnorm``'s arguments are checked: ``parse`` turns them into a
+``Call``, an immutable description the numerics read, or raises a clear error at trace time.
+``check_layer`` is the one check of a layer's ``params`` and ``state``, shared by
+``batchnorm``, the converters, folding and the framework layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+from jax.typing import ArrayLike
+
+from jbn._normalize import Renorm
+from jbn._reduction import Reduction
+
+PARAM_KEYS = ("weight", "bias")
+STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call of ``batchnorm``, parsed."""
+
+    x: Array
+    reduction: Reduction  # which values share the statistics
+    weight: Array | None  # (C,), or None without affine
+    bias: Array | None
+    batch_statistics: bool  # whether the batch's own statistics normalize
+    updates_state: bool  # training with running statistics
+    eps: float
+    momentum: float | None
+    valid: Array | None  # the mask, shaped to broadcast against x
+    renorm: Renorm | None  # what batch renormalization corrects towards, or None
+
+
+def parse(
+    params: Any,
+    state: Any,
+    x: Any,
+    training: Any,
+    *,
+    momentum: Any,
+    eps: Any,
+    axis: Any,
+    mask: Any,
+    axis_name: Hashable | tuple[Hashable, ...] | None,
+    axis_index_groups: Sequence[Sequence[int]] | None,
+    renorm: tuple[ArrayLike, ArrayLike] | None,
+    virtual_batch_size: Any,
+) -> Call:
+    """``batchnorm``'s arguments as a ``Call``; raises ``TypeError``/``ValueError`` naming the
+    argument, what was seen and what was expected."""
+    _check_training(training)
+    x = _array_x(x, axis_name)
+    channel_axis = _channel_axis(axis, x.shape, axis_name)
+    _check_channels_of_x(x.shape, channel_axis, axis, params, state)
+    check_layer(params, state, channels=x.shape[channel_axis])
+    batch_statistics = training or not state
+    _check_momentum(momentum, warn=training and bool(state))
+    check_eps(eps, positive=batch_statistics)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError(f"axis_index_groups {axis_index_groups!r} needs axis_name: the groups "
+                         "split the devices of that axis")
+    ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
+    reduction = Reduction(x.ndim, channel_axis, axis_name, None if axis_index_groups is None
+                          else tuple(tuple(int(i) for i in g) for g in axis_index_groups), ghost)
+    limits = _renorm_limits(renorm, state)
+    devices = _devices(reduction)
+    if batch_statistics:
+        _check_values_per_channel(x.shape, reduction, devices, masked=mask is not None)
+    return Call(
+        x=x, reduction=reduction, weight=params.get("weight"), bias=params.get("bias"),
+        batch_statistics=batch_statistics, updates_state=training and bool(state),
+        eps=float(eps), momentum=momentum, valid=_valid(mask, x.shape, channel_axis),
+        renorm=None if limits is None or not batch_statistics else Renorm(
+            state["running_mean"], state["running_var"], *limits))
+
+
+def check_layer(params: Any, state: Any, *, channels: int | None = None,
+                names: Mapping[str, str] | None = None) -> int | None:
+    """Checks one layer's ``params`` and ``state`` as ``batchnorm`` takes them: each a dict,
+    ``{}`` or with exactly its keys; ``weight``, ``bias``, ``running_mean``, ``running_var``
+    floating arrays of shape (C,); ``num_batches_tracked`` an int32 or int64 scalar (a
+    narrower integer would wrap around, and ``momentum=None`` divides by it).
+
+    Args:
+      params, state: the layer's dicts.
+      channels: C, if known; otherwise the size of the first vector.
+      names: how messages name each key (such as the state_dict key a converter read it
+        from); by default ``params['weight']``...
+
+    Returns:
+      C, or None for a layer with neither params nor state.
+
+    Raises:
+      TypeError: for a dict that is not a mapping, and an entry that is not an array.
+      ValueError: naming the entry, for keys missing or unexpected, and for a shape or
+        dtype other than expected.
+    """
+    reference = None  # the name of the entry C was taken from
+    for kind, entries, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
+        if not isinstance(entries, Mapping):
+            raise TypeError(f"{kind} must be a dict, got {type(entries).__name__}")
+        if not entries:
+            continue
+        if set(entries) != set(keys):
+            raise ValueError(f"{kind} must have keys {list(keys)} (or be empty); missing "
+                             f"{sorted(set(keys) - set(entries))}, unexpected "
+                             f"{sorted(set(entries) - set(keys))}")
+        for key in keys:
+            name = (names or {}).get(key, f"{kind}[{key!r}]")
+            value = entries[key]
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+            shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+            if key == "num_batches_tracked":
+                if shape != () or dtype not in (np.int32, np.int64):
+                    raise ValueError(f"{name} must have shape () and an int32 or int64 dtype, "
+                                     f"got shape {shape} {dtype}")
+                continue
+            if channels is None and len(shape) == 1:
+                channels, reference = shape[0], name
+            expected = "(C,)" if channels is None else f"({channels},)"
+            if reference is not None and reference != name:
+                expected += f" (the size of {reference})"
+            if shape != (channels,) or not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{name} must have shape {expected} and a floating dtype, "
+                                 f"got shape {shape} {dtype}")
+    return channels
+
+
+def _check_training(training) -> None:
+    if isinstance(training, (bool, np.bool_)):
+        return
+    if isinstance(training, jax.core.Tracer):
+        hint = (" It is traced: mark it static, e.g. "
+                "jax.jit(f, static_argnames='training').")
+    elif getattr(training, "shape", None) == ():
+        hint = " It is an array: pass a Python bool, e.g. bool(training)."
+    else:
+        hint = ""
+    raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
+
+
+def _array_x(x, axis_name) -> Array:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
+    least = 1 if axis_name is not None else 2
+    if x.ndim < least:
+        raise ValueError(
+            f"x must have rank ≥ 2 (batch and channel axes), got shape {x.shape}; a rank-1 x "
+            "(one example of C channels) needs axis_name naming the mapped batch axis"
+            if least == 2 else f"x must have rank ≥ 1, got shape {x.shape}")
+    return jnp.asarray(x)
+
+
+def _channel_axis(axis, shape: tuple[int, ...], axis_name) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    ndim = len(shape)
+    if not -ndim <= axis < ndim:
+        hint = ""
+        if axis_name is not None:
+            # The usual case: a per-example jax.vmap, where x has lost its batch axis.
+            hint = ("; under jax.vmap over examples x is one example, without its batch "
+                    "axis: for channels first, as in (C,) or (C, L), pass axis=0")
+        raise ValueError(f"axis {axis} is out of range for x of rank {ndim} "
+                         f"(shape {shape}){hint}")
+    return int(axis) % ndim
+
+
+def _check_channels_of_x(shape: tuple[int, ...], channel_axis: int, axis: int, params,
+                         state) -> None:
+    """x's channel count against the (C,) vectors of params and state, with a hint at the
+    axis that matches (a channels-last x with the default axis=1 is the common mistake)."""
+    vectors = [(f"{name}[{key!r}]", entries[key]) for name, entries, key in (
+        ("params", params, "weight"), ("state", state, "running_mean"))
+        if isinstance(entries, Mapping) and getattr(entries.get(key), "ndim", None) == 1]
+    if not vectors or vectors[0][1].shape[0] == shape[channel_axis]:
+        return
+    name, vector = vectors[0]
+    channels = vector.shape[0]
+    hint = ""
+    matching = [i for i, size in enumerate(shape) if size == channels]
+    if matching:
+        suggested = -1 if matching[-1] == len(shape) - 1 else matching[-1]
+        hint = f"; axis {suggested} of x has size {channels}: pass axis={suggested}"
+    raise ValueError(f"x has {shape[channel_axis]} channels at axis {axis} (x of shape "
+                     f"{shape}), {name} has {channels}{hint}")
+
+
+def check_eps(eps, *, positive: bool = False) -> None:
+    """``eps``: a float ≥ 0, and > 0 (``positive``) where the batch's own statistics
+    normalize."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float ≥ 0, got {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be ≥ 0, got {eps!r}")
+    if positive and eps == 0:
+        # A constant channel would divide 0 by 0; PyTorch refuses it too.
+        raise ValueError("eps must be positive when the batch's own statistics normalize "
+                         "(training, or eval with state == {}), as in PyTorch; got 0.0")
+
+
+def _check_momentum(momentum, *, warn: bool) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if warn and momentum >= 0.9:
+        # Four frames up: _check_momentum, parse, batchnorm, its caller.
+        warnings.warn(
+            f"momentum={momentum} is the weight of the new batch (PyTorch's convention), so "
+            "the running statistics follow the last batch almost entirely. Flax's and "
+            "Haiku's momentum is the weight of the old value: their momentum=0.99 is "
+            "jbn's momentum=0.01.", UserWarning, stacklevel=4)
+
+
+def _renorm_limits(renorm, state) -> tuple[Array, Array] | None:
+    """(rmax, dmax) as scalar arrays; their values are checked where they are concrete (a
+    traced schedule is not)."""
+    if renorm is None:
+        return None
+    if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}")
+    if not state:
+        raise ValueError("renorm corrects the batch statistics towards the running "
+                         "statistics, and state is {} (track_running_stats=False): pass a "
+                         "state with running statistics, or renorm=None")
+    limits = []
+    for name, value, least in zip(("rmax", "dmax"), renorm, (1, 0), strict=True):
+        dtype = getattr(value, "dtype", None)
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+                dtype is not None and jnp.issubdtype(dtype, jnp.number)
+                and not jnp.issubdtype(dtype, jnp.complexfloating))):
+            raise TypeError(f"renorm's {name} must be a real number or a real scalar array, "
+                            f"got {value!r}")
+        if jnp.shape(value) != ():
+            raise ValueError(f"renorm's {name} must be a scalar, got shape {jnp.shape(value)}")
+        if not isinstance(value, jax.core.Tracer) and not float(value) >= least:
+            raise ValueError(f"renorm's {name} must be ≥ {least}, got {float(value)}")
+        limits.append(jnp.asarray(value))
+    return limits[0], limits[1]
+
+
+def _virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
+                        batch_statistics: bool) -> int | None:
+    """The ghost batches' size, where batch statistics normalize; None otherwise."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be an int or None, got {size!r}")
+    if size <= 0:
+        raise ValueError(f"virtual_batch_size must be positive, got {size}")
+    if not batch_statistics:
+        return None
+    if channel_axis == 0:
+        raise ValueError(f"virtual_batch_size groups the examples of axis 0, and x (shape "
+                         f"{shape}) has its channels there; under a per-example jax.vmap, x "
+                         "has no batch axis to group")
+    if shape[0] % size:
+        raise ValueError(f"virtual_batch_size {size} must divide the batch: x has "
+                         f"{shape[0]} examples on axis 0 (shape {shape})")
+    return int(size)
+
+
+def _devices(reduction: Reduction) -> int:
+    """How many devices (or mapped examples) share the statistics; checks that the named axes
+    are bound."""
+    devices = 1
+    names = reduction.axis_name if isinstance(reduction.axis_name, tuple) else (
+        () if reduction.axis_name is None else (reduction.axis_name,))
+    for name in names:
+        try:
+            devices *= lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"axis_name {name!r} is not bound: call batchnorm inside jax.pmap, "
+                f"jax.shard_map or jax.vmap that names the axis {name!r}") from None
+    if reduction.axis_index_groups is not None:
+        devices = min(len(group) for group in reduction.axis_index_groups)
+    return devices
+
+
+def _check_values_per_channel(shape: tuple[int, ...], reduction: Reduction, devices: int, *,
+                              masked: bool) -> None:
+    """More than one value per channel (per ghost batch), as PyTorch requires where batch
+    statistics normalize."""
+    ghost = reduction.virtual_batch_size
+    if ghost is not None:
+        if ghost * math.prod(shape[i] for i in reduction.reduce_axes if i != 0) == 1:
+            raise ValueError(f"Expected more than 1 value per channel in each ghost batch, "
+                             f"got virtual_batch_size={ghost} for input of shape {shape}")
+    elif devices * math.prod(shape[i] for i in reduction.reduce_axes) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"of shape {shape} over {devices} device(s)"
+                         + (" (before masking)" if masked else ""))
+
+
+def _valid(mask, shape: tuple[int, ...], channel_axis: int) -> Array | None:
+    """The mask, reshaped to broadcast against x (size 1 on the channel axis and on the
+    trailing axes it does not cover)."""
+    if mask is None:
+        return None
+    if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    others = [i for i in range(len(shape)) if i != channel_axis]
+    expected = tuple(shape[i] for i in others)
+    if mask.shape != expected[: mask.ndim]:
+        prefixes = " or ".join(str(expected[:k]) for k in range(len(expected), -1, -1))
+        raise ValueError(f"mask must have the shape of x {shape} without its channel axis, "
+                         f"or a leading prefix of it: {prefixes}; got {mask.shape}")
+    broadcast = [1] * len(shape)
+    for i, size in zip(others[: mask.ndim], mask.shape, strict=True):
+        broadcast[i] = size
+    return jnp.reshape(mask, broadcast)

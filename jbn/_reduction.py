@@ -1,0 +1,96 @@
+"""Which values share one set of statistics, and the operations over them: sums over axes and
+devices, and per-channel vectors broadcast against ``x``. Beneath both the statistics and the
+normalization, which read it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable
+
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.typing import DTypeLike
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """Which values of ``x`` share one set of statistics: every axis but ``channel_axis``, on
+    every device along ``axis_name`` (within its group of ``axis_index_groups``); or, with
+    ``virtual_batch_size = k`` (ghost batches), each group of ``k`` consecutive examples
+    along axis 0 of this device's ``x``, every axis but ``channel_axis`` (never 0) within it.
+
+    Static and hashable, so it can ride along as a non-differentiable argument.
+    """
+
+    ndim: int
+    channel_axis: int
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    virtual_batch_size: int | None = None
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.ndim) if i != self.channel_axis)
+
+    @property
+    def across_devices(self) -> bool:
+        """Whether the statistics add up over devices (not those of ghost batches, which lie
+        within one device)."""
+        return self.axis_name is not None and self.virtual_batch_size is None
+
+    def per_channel(self, v: Array) -> Array:
+        """A (C,) vector, or (G, C) per ghost batch, shaped to broadcast against ``x`` along
+        the channel axis (and, per ghost batch, along axis 0)."""
+        shape = [1] * self.ndim
+        shape[self.channel_axis] = v.shape[-1]
+        if v.ndim == 2:
+            # Each ghost batch's row for each of its examples: a broadcast XLA fuses into its
+            # user.
+            v = jnp.repeat(v, self.virtual_batch_size, axis=0)
+            shape[0] = v.shape[0]
+        return v.reshape(shape)
+
+    def sum(self, v: Array, valid: Array | None) -> Array:
+        """Σ over this device's valid positions, per channel: (C,), or (G, C) per ghost
+        batch."""
+        if valid is not None:
+            v = jnp.where(valid, v, 0)
+        if self.virtual_batch_size is None:
+            return jnp.sum(v, axis=self.reduce_axes)
+        # Per example first, (N, C), then per ghost batch: XLA's CPU backend runs these two
+        # reductions faster than one over a (G, k, ...) view of x (a training forward of
+        # 64×64×32×32 in about 1.3 copies of x, as without ghost batches, instead of 2.9).
+        per_example = jnp.sum(v, axis=self.reduce_axes[1:])
+        batches = per_example.shape[0] // self.virtual_batch_size
+        return jnp.sum(per_example.reshape(batches, self.virtual_batch_size,
+                                           per_example.shape[1]), axis=1)
+
+    def count(self, shape: tuple[int, ...], valid: Array | None, dtype: DTypeLike) -> Array:
+        """Valid values per channel on this device: (), or (G, 1) per ghost batch."""
+        if self.virtual_batch_size is not None:
+            ones = jnp.ones([1 if i == self.channel_axis else n for i, n in enumerate(shape)],
+                            dtype)
+            return self.sum(ones, valid)
+        if valid is None:
+            return jnp.asarray(math.prod(shape[i] for i in self.reduce_axes), dtype)
+        # Axes the mask does not cover (size 1 in ``valid``) multiply the count.
+        uncovered = math.prod(shape[i] for i in self.reduce_axes if valid.shape[i] == 1)
+        return jnp.sum(valid, dtype=dtype) * uncovered
+
+    def psum(self, *values: Array) -> tuple[Array, ...]:
+        """Σ over the devices that share the statistics: one all-reduce of all the values
+        (identity unless ``across_devices``)."""
+        return self.psum_devices(*values) if self.across_devices else values
+
+    def psum_devices(self, *values: Array) -> tuple[Array, ...]:
+        """Σ over every device along ``axis_name``, ghost batches or not (identity without
+        ``axis_name``): one all-reduce of all the values."""
+        if self.axis_name is None:
+            return values
+        return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
+
+
+def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
+    """The dtype values are summed and normalized in: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
