@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jbn  # noqa: E402
+from benchmarks.harness import table  # noqa: E402
 from jbn import _stats  # noqa: E402
 
 RATIOS = (1e2, 1e3, 1e4)
@@ -123,18 +124,15 @@ def eval_outputs(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def table(outputs, training: bool) -> list[str]:
-    rows = []
+def error_table(outputs, training: bool) -> list[str]:
+    rows, header = [], None
     for ratio in RATIOS:
         x = data(ratio)
         errors = {name: np.max(np.abs(np.asarray(y, np.float64) - exact(x, training)))
                   for name, y in outputs(x).items()}
-        if not rows:
-            rows.append("| r | " + " | ".join(errors) + " |")
-            rows.append("|---" * (len(errors) + 1) + "|")
-        rows.append(f"| {ratio:.0e} | " + " | ".join(f"{e:.1e}" for e in errors.values())
-                    + " |")
-    return rows
+        header = ["r", *errors]
+        rows.append([f"{ratio:.0e}", *(f"{e:.1e}" for e in errors.values())])
+    return table(header, rows)
 
 
 def at_sampled_positions(x: np.ndarray, how_many: int, offset: float) -> np.ndarray:
@@ -180,27 +178,26 @@ def edge_cases(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarr
 def edge_table() -> list[str]:
     devices = jax.device_count()
     columns = [(name, path, d) for name, path in PATHS.items() for d in (1, devices)]
-    rows = ["| data | " + " | ".join(f"jbn, {name}{'' if d == 1 else f', {d} devices'}"
-                                      for name, _, d in columns) + " |",
-            "|---" * (len(columns) + 1) + "|"]
+    rows = []
     for case, (x, mask) in edge_cases(np.random.default_rng(0)).items():
         expected = exact(x, True, mask)
         allowed = np.maximum(1e-5, 1e-6 * np.abs(expected))
-        cells = []
+        cells = [case]
         for _, path, d in columns:
             with _stats.scheme(path=path):
                 y = np.asarray(jbn_training(x, mask, d), np.float64)
             error = np.abs(y - expected)
             cells.append(f"{error.max():.1e} ({(error / allowed).max():.2f})")
-        rows.append(f"| {case} | " + " | ".join(cells) + " |")
-    return rows
+        rows.append(cells)
+    return table(["data", *(f"jbn, {name}{'' if d == 1 else f', {d} devices'}"
+                            for name, _, d in columns)], rows)
 
 
 def main() -> None:
     print("Training (batch statistics):\n")
-    print("\n".join(table(training_outputs, True)))
+    print("\n".join(error_table(training_outputs, True)))
     print("\nEval (running statistics):\n")
-    print("\n".join(table(eval_outputs, False)))
+    print("\n".join(error_table(eval_outputs, False)))
     print("\nEdges (training; error, and its ratio to the promise):\n")
     print("\n".join(edge_table()))
 

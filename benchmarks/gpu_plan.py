@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, Plan]]:
               "launches in / outside", "all-reduces (values)", "all-gathers (values)"]
     print(f"Compiled for {topology.devices[0].device_kind} ({args.target.name}), "
           f"jax {jax.__version__}\n")
-    print(harness.table_line(header))
-    print(harness.table_line(["---"] * len(header)))
+    print("\n".join(harness.table(header, [])))
     for case, mode, function, arguments in cases(mesh, args.shapes):
         for path_name, path in PATHS.items():
             found = compile_plan(function, arguments, path)

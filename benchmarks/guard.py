@@ -27,6 +27,7 @@ import numpy as np
 import jbn
 from benchmarks import harness
 from jbn import _stats
+from jbn._reduction import Reduction
 
 CANDIDATES = (4.0, 9.0, 12.0, 16.0, 20.0, 25.0)
 SEEDS = 3
@@ -55,7 +56,7 @@ def _boundary_error(bound: float, shape: tuple[int, ...], seed: int) -> float:
     with _stats.scheme(path=_stats.GUARDED, bound=bound * 1.001) as scheme:
         y = jbn.batchnorm({}, {}, jnp.asarray(x), True)[0]
         plain = _stats.plain_sums_suffice(
-            *_stats.plain_sums(jnp.asarray(x), None, _stats.Batch(len(shape), 1)), scheme.bound)
+            *_stats.plain_sums(jnp.asarray(x), None, Reduction(len(shape), 1)), scheme.bound)
     assert plain, "the plain path was meant to run"
     return float(np.max(np.abs(np.asarray(y, np.float64) - expected)))
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     header = ["τ (bound on mean²/σ²)"] + [f"y error at the bound, {'×'.join(map(str, s))}"
                                           for s in SHAPES]
     header += [f"exact path, {name}: calls (elements)" for name in runs]
-    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    rows = []
     for bound in CANDIDATES:
         errors = [f"{boundary_error(bound, shape):.1e}" for shape in SHAPES]
         rates = []
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             exact = calls[:, 0] > math.sqrt(bound)
             rates.append(f"{np.mean(exact):.1%} ({calls[exact, 1].sum() / calls[:, 1].sum():.1%})")
         marker = " (jbn)" if bound == _stats.CANCELLATION_BOUND else ""
-        print(f"| {bound:g}{marker} | " + " | ".join(errors + rates) + " |")
-
+        rows.append([f"{bound:g}{marker}", *errors, *rates])
+    print()
+    print("\n".join(harness.table(header, rows)))
 
 if __name__ == "__main__":
     main()

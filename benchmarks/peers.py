@@ -13,7 +13,9 @@ the harness times, so that every JAX peer is timed, compiled and differentiated 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jbn
+from jbn import _stats
 
 MOMENTUM = 0.1  # PyTorch's convention: the weight of the batch statistic
 EPS = 1e-5
@@ -44,8 +47,10 @@ class Jobs:
     residual_bytes: int | None
 
 
-def jax_jobs(train: Callable, wb: tuple, state: Any, x: jax.Array, ct: jax.Array) -> Jobs:
-    """The two jobs of a JAX peer, from its pure training function.
+def jax_jobs(train: Callable, wb: tuple, state: Any, x: jax.Array, ct: jax.Array,
+             scheme: Callable[[], Any] = contextlib.nullcontext) -> Jobs:
+    """The two jobs of a JAX peer, from its pure training function, compiled ahead of time
+    (within ``scheme()``, jbn's switch of its statistics, where a job asks for one).
 
     The backward job takes the cotangent as an argument (a captured constant could be folded
     into the compiled code) and also returns the new state, as a training step would.
@@ -60,20 +65,23 @@ def jax_jobs(train: Callable, wb: tuple, state: Any, x: jax.Array, ct: jax.Array
         return jax.vjp(lambda x, wb: train(x, wb, state), x, wb, has_aux=True)[1]
 
     functions = {"train": (train, (x, wb, state)), "grad": (grad, (x, wb, state, ct))}
-    train_jit, grad_jit = jax.jit(train), jax.jit(grad)
+
+    def compiled(mode: str):
+        function, args = functions[mode]
+        with scheme():  # a new function: no cache can answer
+            return jax.jit(lambda *a: function(*a)).lower(*args).compile()
 
     def compile_seconds(mode: str) -> float:
-        function, args = functions[mode]
-        fresh = jax.jit(lambda *a: function(*a))  # a new function: no cache can answer
         start = time.perf_counter()
-        fresh.lower(*args).compile()
+        compiled(mode)
         return time.perf_counter() - start
 
+    train_compiled, grad_compiled = compiled("train"), compiled("grad")
     # Shapes only: the residuals of jax.vjp are the leaves of the function it returns.
     held = jax.tree.leaves(jax.eval_shape(residuals, x, wb, state))
     return Jobs(
-        train=lambda: jax.block_until_ready(train_jit(x, wb, state)),
-        grad=lambda: jax.block_until_ready(grad_jit(x, wb, state, ct))[:4],
+        train=lambda: jax.block_until_ready(train_compiled(x, wb, state)),
+        grad=lambda: jax.block_until_ready(grad_compiled(x, wb, state, ct))[:4],
         compile_seconds=compile_seconds,
         residual_bytes=sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in held),
     )
@@ -83,7 +91,7 @@ def _weight_bias(channels: int) -> tuple[jax.Array, jax.Array]:
     return jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32)
 
 
-def jbn_jobs(x: jax.Array, ct: jax.Array) -> Jobs:
+def jbn_jobs(x: jax.Array, ct: jax.Array, path: str | None = None) -> Jobs:
     """`jbn.batchnorm(params, state, x, True, momentum=0.1, eps=1e-5)`."""
     _, state = jbn.init(x.shape[1])
 
@@ -91,7 +99,8 @@ def jbn_jobs(x: jax.Array, ct: jax.Array) -> Jobs:
         return jbn.batchnorm({"weight": wb[0], "bias": wb[1]}, state, x, True,
                              momentum=MOMENTUM, eps=EPS)
 
-    return jax_jobs(train, _weight_bias(x.shape[1]), state, x, ct)
+    return jax_jobs(train, _weight_bias(x.shape[1]), state, x, ct,
+                    functools.partial(_stats.scheme, path=path))
 
 
 def flax_jobs(x: jax.Array, ct: jax.Array, *, use_fast_variance: bool = True) -> Jobs:

@@ -20,7 +20,7 @@ def test_harness_times_every_installed_peer_in_both_modes_and_writes_nothing_by_
     installed = [name for name in PEERS if name not in report.skipped]
     assert installed[0] == "jbn"
     for mode in harness.MODES:
-        for peer in [*installed, harness.EXACT]:
+        for peer in [*installed, harness.EXACT, harness.other_path()]:
             row = report.row((8, 4), mode, peer)
             assert row is not None, (mode, peer)
             assert len(row.seconds) >= 3
@@ -30,10 +30,11 @@ def test_harness_times_every_installed_peer_in_both_modes_and_writes_nothing_by_
     floor = report.floors[(8, 4)]
     assert all(math.isfinite(s) and s > 0 for s in floor.seconds)
     table = capsys.readouterr().out
-    for peer in [*installed, harness.EXACT]:
+    for peer in [*installed, harness.EXACT, harness.other_path()]:
         assert f"| 8×4 | {peer} |" in table
     targets = [target for target, _, _ in harness.targets(report, [(8, 4)])]
-    assert any("exact path" in target for target in targets), targets
+    assert any("channel 0 at 10σ" in target for target in targets), targets
+    assert any(harness.other_path()[5:] in target for target in targets), targets
     assert (results.stat().st_mtime_ns if results.exists() else None) == before
 
 
@@ -75,14 +76,3 @@ def test_accuracy_tables_show_jbn_within_its_promise_but_in_the_documented_worst
         if row[0].startswith("all") and "+10σ" in row[0]:  # the accelerators' worst case
             assert ratios.pop("jbn, accelerator") > 1, row
         assert all(ratio <= 1 for ratio in ratios.values()), row
-
-
-def test_branch_cost_compares_jbn_with_and_without_its_branch(capsys):
-    from benchmarks import branch
-
-    branch.main(["--shapes", "8x4", "--reps", "2", "--compile-reps", "1"])
-
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8×4 |")]
-    assert len(rows) == 1, rows
-    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert all(float(cell.split()[0]) > 0 for cell in cells[1:]), cells
