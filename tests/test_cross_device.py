@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 import reference
+from helpers import assert_trees_close, index
 from jbn._reduction import Reduction
 from jbn._stats import CANCELLATION_BOUND, SHIFTED, plain_sums, plain_sums_suffice
 
@@ -38,13 +39,6 @@ def whole_batch(x=X, mask=None, training=True, momentum=0.1):
     return jbn.batchnorm(PARAMS, STATE, x, training, mask=mask, momentum=momentum)
 
 
-def index(tree, i):
-    """Device i's copy of a pytree of per-device arrays."""
-    return jax.tree.map(lambda v: v[i], tree)
-
-
-def assert_matches(result, expected):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **CLOSE), result, expected)
 
 
 def mesh(shape, names):
@@ -75,14 +69,14 @@ def sharded(names, mesh_shape=(DEVICES,), mask=None, **kwargs):
 @pytest.mark.parametrize("training", [True, False])
 def test_shard_map_on_a_1d_mesh_equals_the_whole_batch(mask, training):
     result = sharded("data", mask=mask, training=training)(PARAMS, STATE, X, mask)
-    assert_matches(result, whole_batch(mask=mask, training=training))
+    assert_trees_close(result, whole_batch(mask=mask, training=training), **CLOSE)
 
 
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
 def test_shard_map_on_a_2d_mesh_with_two_axis_names_equals_the_whole_batch(mask):
     f = sharded(("data", "replica"), (4, 2), mask=mask, training=True, momentum=None)
     result = f(PARAMS, STATE, X, mask)
-    assert_matches(result, whole_batch(mask=mask, momentum=None))
+    assert_trees_close(result, whole_batch(mask=mask, momentum=None), **CLOSE)
 
 
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
@@ -96,7 +90,7 @@ def test_pmap_equals_the_whole_batch(mask):
     expected_y, expected_state = whole_batch(mask=mask)
     np.testing.assert_allclose(y.reshape(X.shape), expected_y, **CLOSE)
     for device in range(DEVICES):
-        assert_matches(index(state, device), expected_state)
+        assert_trees_close(index(state, device), expected_state, **CLOSE)
 
 
 def test_pmap_axis_index_groups_normalize_each_group_on_its_own():
@@ -109,7 +103,7 @@ def test_pmap_axis_index_groups_normalize_each_group_on_its_own():
     for g, half in enumerate(halves):
         expected_y, expected_state = whole_batch(half)
         np.testing.assert_allclose(y[4 * g: 4 * g + 4].reshape(half.shape), expected_y, **CLOSE)
-        assert_matches(index(state, 4 * g), expected_state)
+        assert_trees_close(index(state, 4 * g), expected_state, **CLOSE)
 
 
 @pytest.mark.parametrize("mapping", ["shard_map", "vmap"])
@@ -132,14 +126,14 @@ def test_per_example_vmap_equals_the_whole_batch(example_shape):
     x = X[(slice(None),) + tuple(slice(0, n) for n in example_shape)]
     f = jax.vmap(functools.partial(jbn.batchnorm, training=True, axis=0, axis_name="batch"),
                  in_axes=(None, None, 0), out_axes=(0, None), axis_name="batch")
-    assert_matches(f(PARAMS, STATE, x), whole_batch(x))
+    assert_trees_close(f(PARAMS, STATE, x), whole_batch(x), **CLOSE)
 
 
 def test_per_example_vmap_with_a_scalar_mask_per_example():
     def call(params, state, x, mask):
         return jbn.batchnorm(params, state, x, True, axis=0, mask=mask, axis_name="batch")
     f = jax.vmap(call, in_axes=(None, None, 0, 0), out_axes=(0, None), axis_name="batch")
-    assert_matches(f(PARAMS, STATE, X, UNEVEN), whole_batch(mask=UNEVEN))
+    assert_trees_close(f(PARAMS, STATE, X, UNEVEN), whole_batch(mask=UNEVEN), **CLOSE)
 
 
 def test_nested_vmaps_with_two_axis_names_equal_the_whole_batch():
@@ -149,7 +143,7 @@ def test_nested_vmaps_with_two_axis_names_equal_the_whole_batch():
     y, state = outer(PARAMS, STATE, X.reshape(DEVICES, -1, C, L))
     expected_y, expected_state = whole_batch()
     np.testing.assert_allclose(y.reshape(X.shape), expected_y, **CLOSE)
-    assert_matches(state, expected_state)
+    assert_trees_close(state, expected_state, **CLOSE)
 
 
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
@@ -161,7 +155,7 @@ def test_jit_over_a_batch_sharded_array_without_axis_name_equals_unsharded(axis_
         result = jax.jit(jbn.batchnorm, static_argnames="training")(
             PARAMS, STATE, x, training=True, mask=mask)
     assert result[0].sharding.is_equivalent_to(data, X.ndim)
-    assert_matches(result, whole_batch(mask=UNEVEN))
+    assert_trees_close(result, whole_batch(mask=UNEVEN), **CLOSE)
 
 
 # Every axis divisible by the device count, so that any of them can be sharded.
@@ -224,7 +218,7 @@ def test_gradients_under_shard_map_equal_the_whole_batch(mask):
     on_mesh = NamedSharding(mesh((DEVICES,), ("data",)), P("data"))
     x, mask_on_mesh = (None if v is None else jax.device_put(v, on_mesh) for v in (X, mask))
     grads = jax.jit(jax.grad(f, argnums=(0, 1)))(PARAMS, x, mask_on_mesh)
-    assert_matches(grads, jax.grad(loss, argnums=(0, 1))(PARAMS, X, mask))
+    assert_trees_close(grads, jax.grad(loss, argnums=(0, 1))(PARAMS, X, mask), **CLOSE)
 
 
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
@@ -241,7 +235,7 @@ def test_gradients_under_pmap_equal_the_whole_batch(mask):
         dparams, dx = f(PARAMS, shards, mask.reshape(DEVICES, -1))
     expected_dparams, expected_dx = jax.grad(loss, argnums=(0, 1))(PARAMS, X, mask)
     np.testing.assert_allclose(dx.reshape(X.shape), expected_dx, **CLOSE)
-    assert_matches(index(dparams, 0), expected_dparams)
+    assert_trees_close(index(dparams, 0), expected_dparams, **CLOSE)
 
 
 # Uneven shards with counts that are no power of 2 (x/n then rounds): 230 valid examples,
@@ -279,7 +273,8 @@ def test_fewer_than_two_valid_values_leave_the_running_statistics_and_count_the_
     mask = jnp.zeros((X.shape[0], L), bool).at[3, :valid].set(True)
     y, state = sharded("data", mask=mask, training=True)(PARAMS, STATE, X, mask)
     assert jnp.all(jnp.isfinite(y))
-    assert_matches(state, {**STATE, "num_batches_tracked": STATE["num_batches_tracked"] + 1})
+    assert_trees_close(state, {**STATE, "num_batches_tracked": STATE["num_batches_tracked"] + 1},
+                       **CLOSE)
 
 
 def test_one_value_per_channel_across_all_devices_is_an_error():

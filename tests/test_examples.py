@@ -2,30 +2,11 @@
 ``train.py`` reaches its accuracy, and ``data_parallel.py`` trains as one device does
 (shard_map, pmap, and across 2 jax.distributed processes), with few epochs for speed."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-TIMEOUT_S = 300
-
-
-def run_example(name: str, *args: str) -> str:
-    """Runs ``examples/<name>`` with ``args``; returns its output, failing on error."""
-    # On the CPU, with the device count the examples choose, not this test session's.
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    try:
-        done = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *args],
-                              capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{name} {' '.join(args)} took more than {TIMEOUT_S} s:\n{error.stdout}")
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    return done.stdout
+from helpers import run_example
 
 
 def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration():

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from test_interop import assert_close_ulps
 
 import jbn
 import jbn.equinox
 import jbn.nnx
+from helpers import assert_close_ulps
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import jbn
+from helpers import assert_close_ulps, assert_same_arrays
 
 TORCH_BATCHNORMS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 TORCH_CONVS = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
@@ -24,12 +25,6 @@ INPUT_SHAPES = {1: (6, 4, 5), 2: (4, 4, 3, 5), 3: (3, 4, 2, 3, 4)}  # N, C=4, sp
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 C = 4
 
-
-def assert_close_ulps(actual, expected, ulps=8):
-    """Equal up to a few units of rounding of the expected values' magnitude."""
-    expected = np.asarray(expected)
-    atol = ulps * np.finfo(expected.dtype).eps * max(np.max(np.abs(expected)), 1.0)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=atol)
 
 
 def torch_input(dims, dtype, seed):
@@ -89,14 +84,6 @@ def torch_eval(bn, x: np.ndarray) -> np.ndarray:
 def as_tensors(state_dict):
     return {key: torch.from_numpy(value) for key, value in state_dict.items()}
 
-
-def assert_same_arrays(actual: dict, expected: dict):
-    """Same keys, and bitwise the same values and dtypes."""
-    assert set(actual) == set(expected)
-    for key, value in expected.items():
-        a, e = np.asarray(actual[key]), np.asarray(value)
-        assert a.dtype == e.dtype, key
-        np.testing.assert_array_equal(a, e, err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------

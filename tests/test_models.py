@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_examples import run_example
-from test_interop import assert_same_arrays
 
 import jbn
+from helpers import assert_same_arrays, run_example
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 

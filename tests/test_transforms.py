@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 import jbn
 import reference
+from helpers import assert_trees_close, index
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
@@ -22,13 +23,6 @@ STATE = {"running_mean": jnp.asarray(RNG.normal(size=3)),
          "num_batches_tracked": jnp.asarray(2, jnp.int32)}
 
 
-def index(tree, i):
-    """Member i of a pytree of stacked arrays."""
-    return jax.tree.map(lambda v: v[i], tree)
-
-
-def assert_trees_close(a, b, rtol=1e-7):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol), a, b)
 
 
 def loss(x, params, training, mask=None, state=STATE):
@@ -60,12 +54,12 @@ def test_grad_matches_reference_finite_differences_of_float64_formula():
     h, x = 1e-6, np.asarray(X)
     expected = np.zeros_like(x)
     weights = np.arange(x.size).reshape(x.shape)
-    for index in np.ndindex(x.shape):
+    for position in np.ndindex(x.shape):
         step = np.zeros_like(x)
-        step[index] = h
+        step[position] = h
         plus = reference.batchnorm(PARAMS, STATE, x + step, True, mask=MASK)[0]
         minus = reference.batchnorm(PARAMS, STATE, x - step, True, mask=MASK)[0]
-        expected[index] = np.sum((np.sin(plus) - np.sin(minus)) * weights) / (2 * h)
+        expected[position] = np.sum((np.sin(plus) - np.sin(minus)) * weights) / (2 * h)
     np.testing.assert_allclose(g, expected, rtol=1e-6, atol=1e-6)
 
 
