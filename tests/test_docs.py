@@ -1,10 +1,11 @@
 """The documentation works as written.
 
-Every Python block of README.md runs as written, each in a fresh process as a user would
-run it: on the CPU, with 8 virtual devices for the blocks that split a batch, x64 off. A
-block may be marked ``<!-- not run: why -->`` on the line before its fence; only the API
-signatures are. Blocks that make a mesh run twice: with ``jax.make_mesh``'s default
-(Explicit axes) and with Auto axes.
+Every Python block of README.md and of the guides in docs/ runs as written, each in a fresh
+process as a user would run it: on the CPU, with 8 virtual devices for the blocks that split
+a batch, x64 off. A block may be marked ``<!-- not run: why -->`` on the line before its
+fence; only the examples page's are, whose blocks include whole example scripts that their
+own tests run. Blocks that make a mesh run twice: with ``jax.make_mesh``'s default (Explicit
+axes) and with Auto axes.
 
 The site builds with ``mkdocs build --strict`` (every page in the nav, every link, anchor
 and included file found), and its API reference documents every public name.
@@ -23,6 +24,7 @@ import jbn
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+GUIDES = sorted(page for page in (ROOT / "docs").rglob("*.md") if "api" not in page.parts)
 API_PAGES = sorted((ROOT / "docs" / "api").glob("*.md"))
 TIMEOUT_S = 240
 # Run before a block to give jax.make_mesh Auto axes by default instead of Explicit ones.
@@ -34,6 +36,12 @@ def _auto_make_mesh(shape, names, **kwargs):
     return _make_mesh(shape, names, **kwargs)
 _jax.make_mesh = _auto_make_mesh
 """
+# The commands users and CI copy from the README's first screen, verbatim.
+SET_UP = [
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[examples]" && '
+    ".venv/bin/python examples/train.py",
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest',
+]
 
 
 def blocks(page: Path):
@@ -55,7 +63,7 @@ def blocks(page: Path):
     return found
 
 
-BLOCKS = blocks(README)
+BLOCKS = [block for page in [README, *GUIDES] for block in blocks(page)]
 RUNS = {f"{name}{' (Auto axes)' if auto else ''}": (AUTO_AXES if auto else "") + code
         for name, code, skipped in BLOCKS if not skipped
         for auto in ((False, True) if "jax.make_mesh" in code else (False,))}
@@ -88,10 +96,17 @@ def test_block_runs_as_written(name, outcomes):
     assert status == 0, f"{name}:\n{RUNS[name]}\n---\n{output}"
 
 
-def test_only_the_api_signatures_are_not_run():
-    skipped = [(name, why) for name, _, why in BLOCKS if why]
-    assert [name.split(", ", 2)[2] for name, _ in skipped] == ["API"], skipped
-    assert len(RUNS) >= 8  # the test finds the blocks
+def test_only_the_included_examples_are_not_run():
+    assert [(name.split(",")[0], why) for name, _, why in BLOCKS if why] == [
+        ("docs/examples.md", f"examples/{script}, which tests/{test} runs")
+        for script, test in [("train.py", "test_examples.py"),
+                             ("data_parallel.py", "test_examples.py"),
+                             ("port_from_torch.py", "test_interop.py"),
+                             ("resnet_from_torch.py", "test_models.py")]]
+    for _, code, why in BLOCKS:
+        if why:  # the block is the script itself, included when the site is built
+            assert code == f'--8<-- "{why.split(",")[0]}"', code
+    assert len(RUNS) >= 18  # the test finds the blocks
 
 
 def test_api_pages_have_no_blocks_of_their_own():
@@ -107,6 +122,15 @@ def test_the_api_reference_documents_every_public_name():
         names = re.search(r"^__all__ = \[(.*?)\]", source, re.MULTILINE | re.DOTALL).group(1)
         public += [f"jbn.{module}.{name}" for name in re.findall(r'"(\w+)"', names)]
     assert sorted(documented) == sorted(public)
+
+
+def test_the_readme_is_an_entrance_that_starts_with_the_set_up_commands():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    first_screen = lines[:50]
+    for command in SET_UP:
+        assert command in first_screen, command
+    assert SET_UP[1] in (ROOT / ".ci" / "run").read_text()
 
 
 def test_the_site_builds_without_a_warning(tmp_path):
