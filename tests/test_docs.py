@@ -8,7 +8,8 @@ own tests run. Blocks that make a mesh run twice: with ``jax.make_mesh``'s defau
 axes) and with Auto axes.
 
 The site builds with ``mkdocs build --strict`` (every page in the nav, every link, anchor
-and included file found), and its API reference documents every public name.
+and included file found), its API reference documents every public name, and no page
+retypes a figure the benchmarks record.
 """
 
 import concurrent.futures
@@ -132,6 +133,15 @@ def test_the_readme_is_an_entrance_that_starts_with_the_set_up_commands():
         assert command in first_screen, command
     assert SET_UP[1] in (ROOT / ".ci" / "run").read_text()
 
+
+
+def test_no_measured_figure_is_typed_into_the_docs():
+    """Times, speed-up ratios and measured errors live in the files the benchmarks write
+    (benchmarks/*.md), which the pages include; a page that retyped one would drift."""
+    figure = re.compile(r"\d\s?(µs|ms)\b|\d\.\d+ ?×|\d\.\de-\d\d")
+    typed = [f"{page.relative_to(ROOT)}: {line}" for page in [README, *GUIDES]
+             for line in page.read_text().splitlines() if figure.search(line)]
+    assert typed == []
 
 def test_the_site_builds_without_a_warning(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
