@@ -1,4 +1,5 @@
-"""Accuracy at the edges: ``python -m benchmarks.accuracy`` prints the error tables.
+"""Accuracy at the edges: ``python -m benchmarks.accuracy`` prints the error tables;
+``--write`` also records them in ``benchmarks/ACCURACY.md``.
 
 Max abs error of y against float64 arithmetic on the same float32 input. jbn runs on both
 paths of its statistics: ``cpu`` (the guarded sums a CPU runs) and ``accelerator`` (the
@@ -20,7 +21,10 @@ split over all devices (8 virtual CPU devices unless ``XLA_FLAGS`` says otherwis
 
 from __future__ import annotations
 
+import argparse
 import os
+import pathlib
+import sys
 
 # XLA reads the flag once, when JAX starts: the multi-device column needs it first.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -34,8 +38,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jbn  # noqa: E402
-from benchmarks.harness import table  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from jbn import _stats  # noqa: E402
+
+ACCURACY = pathlib.Path(__file__).with_name("ACCURACY.md")
 
 RATIOS = (1e2, 1e3, 1e4)
 EPS = 1e-5
@@ -132,7 +138,7 @@ def error_table(outputs, training: bool) -> list[str]:
                   for name, y in outputs(x).items()}
         header = ["r", *errors]
         rows.append([f"{ratio:.0e}", *(f"{e:.1e}" for e in errors.values())])
-    return table(header, rows)
+    return harness.table(header, rows)
 
 
 def at_sampled_positions(x: np.ndarray, how_many: int, offset: float) -> np.ndarray:
@@ -189,18 +195,41 @@ def edge_table() -> list[str]:
             error = np.abs(y - expected)
             cells.append(f"{error.max():.1e} ({(error / allowed).max():.2f})")
         rows.append(cells)
-    return table(["data", *(f"jbn, {name}{'' if d == 1 else f', {d} devices'}"
+    return harness.table(["data", *(f"jbn, {name}{'' if d == 1 else f', {d} devices'}"
                             for name, _, d in columns)], rows)
 
 
-def main() -> None:
-    print("Training (batch statistics):\n")
-    print("\n".join(error_table(training_outputs, True)))
-    print("\nEval (running statistics):\n")
-    print("\n".join(error_table(eval_outputs, False)))
-    print("\nEdges (training; error, and its ratio to the promise):\n")
-    print("\n".join(edge_table()))
+def markdown(command: str = "python -m benchmarks.accuracy") -> str:
+    """The three tables, each between snippet markers (``--8<-- [start:training]`` …) so that
+    a page can include one alone, under the machine they were computed on."""
+    lines = ["# jbn accuracy", "", f"`{command}`", ""]
+    lines += [f"- **{key}**: {value}" for key, value in harness.machine().items()
+              if not key.startswith("load average")]
+    lines += ["", __doc__.split("\n\n", 1)[1].strip().replace("``", "`")]
+    for name, title, rows in (
+            ("training", "Training (batch statistics)", error_table(training_outputs, True)),
+            ("eval", "Eval (running statistics)", error_table(eval_outputs, False)),
+            ("edges", "Edges (training; error, and its ratio to the promise)", edge_table())):
+        lines += ["", f"## {title}", "", f"<!-- --8<-- [start:{name}] -->", *rows,
+                  f"<!-- --8<-- [end:{name}] -->"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true",
+                        help=f"also record the tables in benchmarks/{ACCURACY.name} (by "
+                        "default the run prints them and changes no file)")
+    argv = [] if argv is None else argv  # called from code (the tests): no options
+    args = parser.parse_args(argv)
+    text = markdown(" ".join(["python -m benchmarks.accuracy", *argv]))
+    print(text)
+    if args.write:
+        ACCURACY.write_text(text)
+        print(f"wrote {ACCURACY}", file=sys.stderr)
+    return text
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,11 +1,13 @@
-"""The guard of the statistics: ``python -m benchmarks.guard`` prints what chose its bound.
+"""The guard of the statistics: ``python -m benchmarks.guard`` prints what chose its bound;
+``--write`` also records it in ``benchmarks/GUARD.md``.
 
-jbn's statistics take the plain sums Σx, Σx² when every channel has |mean| ≤ √τ·σ
-(τ = ``jbn._stats.CANCELLATION_BOUND``), and a second, exact pass otherwise. For candidate
-values of τ this prints:
+On a CPU, jbn's statistics take the plain sums Σx, Σx² when every channel has
+|mean| ≤ √τ·σ (τ = ``jbn._stats.CANCELLATION_BOUND``), and a second, exact pass otherwise.
+For candidate values of τ this prints:
 
 * the max abs error of ``y`` against float64 where the plain sums are used at their worst,
-  on float32 data whose every channel has |mean| = √τ·σ (shapes (4096, 8) and (2²⁰, 2));
+  on float32 data whose every channel has |mean| = √τ·σ (shapes (4096, 8), (2²⁰, 2) and
+  the benchmark's);
 * how often real activations would take the exact path: over the training runs of
   ``examples/train.py`` (the digits MLP) and ``examples/resnet_from_torch.py`` (ResNet-18,
   float64, random images), the share of batch-norm calls in which some channel has
@@ -28,6 +30,8 @@ import jbn
 from benchmarks import harness
 from jbn import _stats
 from jbn._reduction import Reduction
+
+GUARD = Path(__file__).with_name("GUARD.md")
 
 CANDIDATES = (4.0, 9.0, 12.0, 16.0, 20.0, 25.0)
 SEEDS = 3
@@ -77,20 +81,27 @@ def training_ratios(example: str, argv: list[str]) -> np.ndarray:
     return np.asarray(ratios)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.guard", description=__doc__)
     parser.add_argument("--epochs", type=int, default=15, help="of examples/train.py")
     parser.add_argument("--steps", type=int, default=10, help="of examples/resnet_from_torch.py")
+    parser.add_argument("--write", action="store_true",
+                        help=f"also record the table in benchmarks/{GUARD.name} (by default the "
+                        "run prints it and changes no file)")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks.guard", *(sys.argv[1:] if argv is None else argv)])
     # The ResNet runs second: it turns on float64, which the digits MLP does not use.
     runs = {"digits MLP": training_ratios("train", ["--epochs", str(args.epochs)]),
             "ResNet-18": training_ratios("resnet_from_torch", ["--steps", str(args.steps)])}
-    print()
+    lines = ["# jbn's guard", "", f"`{command}`", ""]
+    lines += [f"- **{key}**: {value}" for key, value in harness.machine().items()
+              if not key.startswith("load average")]
+    lines += ["", __doc__.split("\n\n", 1)[1].strip().replace("``", "`"), ""]
     for name, calls in runs.items():
         ratios = calls[:, 0]
-        print(f"{name}: {len(ratios)} batch-norm calls in training; max |mean|/σ over the "
-              f"channels of a call: median {np.median(ratios):.2f}, 95th percentile "
-              f"{np.percentile(ratios, 95):.2f}, max {ratios.max():.2f}")
+        lines.append(f"- {name}: {len(ratios)} batch-norm calls in training; max |mean|/σ over "
+                     f"the channels of a call: median {np.median(ratios):.2f}, 95th percentile "
+                     f"{np.percentile(ratios, 95):.2f}, max {ratios.max():.2f}")
     header = ["τ (bound on mean²/σ²)"] + [f"y error at the bound, {'×'.join(map(str, s))}"
                                           for s in SHAPES]
     header += [f"exact path, {name}: calls (elements)" for name in runs]
@@ -103,8 +114,15 @@ def main(argv: list[str] | None = None) -> None:
             rates.append(f"{np.mean(exact):.1%} ({calls[exact, 1].sum() / calls[:, 1].sum():.1%})")
         marker = " (jbn)" if bound == _stats.CANCELLATION_BOUND else ""
         rows.append([f"{bound:g}{marker}", *errors, *rates])
-    print()
-    print("\n".join(harness.table(header, rows)))
+    lines += ["", "<!-- --8<-- [start:table] -->", *harness.table(header, rows),
+              "<!-- --8<-- [end:table] -->"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        GUARD.write_text(text)
+        print(f"wrote {GUARD}", file=sys.stderr)
+    return text
+
 
 if __name__ == "__main__":
     main()

@@ -2,11 +2,11 @@
 
 Each global batch of ``train.py`` is split evenly across the devices of a 1-D mesh with
 axis ``"data"``. ``jbn.batchnorm(..., axis_name="data")`` then normalizes with the
-statistics of the *whole* batch (one all-reduce of O(C) values per layer, a second only
-when a channel's mean is beyond 5σ of its spread), so the training is that of one device on
-the global batch, up to float32 rounding. This script runs both side by side and checks it
-every epoch: it exits with status 1 when the losses, parameters or batch-norm state differ
-by more than rounding can explain.
+statistics of the *whole* batch (all-reduces of O(C) values per layer: on a CPU one, and a
+second only when a channel's mean is beyond 3σ of its spread; on GPUs and TPUs two), so the
+training is that of one device on the global batch, up to float32 rounding. This script
+runs both side by side and checks it every epoch: it exits with status 1 when the losses,
+parameters or batch-norm state differ by more than rounding can explain.
 
 The batches hold 61 or 62 examples padded to 64 and masked (``train.epoch_batches``), so
 the last device's slice is partly padding. jbn weights each device by its count of valid

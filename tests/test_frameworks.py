@@ -236,6 +236,17 @@ def test_equinox_inference_mode_switches_to_the_running_statistics():
     assert int(layer.layer_state(state)["num_batches_tracked"]) == 2
 
 
+
+def test_equinox_sequential_threads_the_layer_state():
+    x, _ = data()
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [jbn.equinox.BatchNorm(C, dtype=jnp.float64, **KEYWORDS), eqx.nn.Lambda(jnp.tanh)])
+    y, state = model(x, state)
+    expected, expected_state = jbn.batchnorm(*jbn.init(C, dtype=jnp.float64), x, True,
+                                             **KEYWORDS)
+    assert_same(y, jnp.tanh(expected))
+    assert_same(model.layers[0].layer_state(state), expected_state)
+
 class EquinoxNet(eqx.Module):
     kernel: jax.Array
     bn: jbn.equinox.BatchNorm

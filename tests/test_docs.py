@@ -1,0 +1,161 @@
+"""The documentation works as written.
+
+Every Python block of README.md and of the guides in docs/ runs as written, each in a fresh
+process as a user would run it: on the CPU, with 8 virtual devices for the blocks that split
+a batch, x64 off. A block may be marked ``<!-- not run: why -->`` on the line before its
+fence; only the examples page's are, whose blocks include whole example scripts that their
+own tests run. Blocks that make a mesh run twice: with ``jax.make_mesh``'s default (Explicit
+axes) and with Auto axes.
+
+The site builds with ``mkdocs build --strict`` (every page in the nav, every link, anchor
+and included file found), its API reference documents every public name, and no page
+retypes a figure the benchmarks record.
+"""
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import jbn
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+GUIDES = sorted(page for page in (ROOT / "docs").rglob("*.md") if "api" not in page.parts)
+API_PAGES = sorted((ROOT / "docs" / "api").glob("*.md"))
+TIMEOUT_S = 240
+# Run before a block to give jax.make_mesh Auto axes by default instead of Explicit ones.
+AUTO_AXES = """
+import jax as _jax
+_make_mesh = _jax.make_mesh
+def _auto_make_mesh(shape, names, **kwargs):
+    kwargs.setdefault("axis_types", (_jax.sharding.AxisType.Auto,) * len(shape))
+    return _make_mesh(shape, names, **kwargs)
+_jax.make_mesh = _auto_make_mesh
+"""
+# The commands users and CI copy from the README's first screen, verbatim.
+SET_UP = [
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[examples]" && '
+    ".venv/bin/python examples/train.py",
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest',
+]
+
+
+def blocks(page: Path):
+    """(name, code, reason it is not run or None) of each ```python block of a page."""
+    found, heading = [], "top"
+    lines = page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("# ")
+        if line.strip() == "```python":
+            end = lines.index("```", i + 1)
+            marker = re.match(r"<!-- not run: (.*) -->", lines[i - 1].strip())
+            name = f"{page.relative_to(ROOT)}, line {i + 1}, {heading}"
+            found.append((name, "\n".join(lines[i + 1: end]), marker and marker.group(1)))
+            i = end
+        i += 1
+    return found
+
+
+BLOCKS = [block for page in [README, *GUIDES] for block in blocks(page)]
+RUNS = {f"{name}{' (Auto axes)' if auto else ''}": (AUTO_AXES if auto else "") + code
+        for name, code, skipped in BLOCKS if not skipped
+        for auto in ((False, True) if "jax.make_mesh" in code else (False,))}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every block's (exit status, output), run two at a time in fresh interpreters."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cwd = tmp_path_factory.mktemp("blocks")  # no file of this repository is at hand
+
+    def run(code):
+        try:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, timeout=TIMEOUT_S, env=env, cwd=cwd)
+        except subprocess.TimeoutExpired:
+            return None, f"more than {TIMEOUT_S} s"
+        return done.returncode, done.stdout + done.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, code) for name, code in RUNS.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_block_runs_as_written(name, outcomes):
+    status, output = outcomes[name]
+    assert status == 0, f"{name}:\n{RUNS[name]}\n---\n{output}"
+
+
+def test_only_the_included_examples_are_not_run():
+    assert [(name.split(",")[0], why) for name, _, why in BLOCKS if why] == [
+        ("docs/examples.md", f"examples/{script}, which tests/{test} runs")
+        for script, test in [("train.py", "test_examples.py"),
+                             ("data_parallel.py", "test_examples.py"),
+                             ("port_from_torch.py", "test_interop.py"),
+                             ("resnet_from_torch.py", "test_models.py")]]
+    for _, code, why in BLOCKS:
+        if why:  # the block is the script itself, included when the site is built
+            assert code == f'--8<-- "{why.split(",")[0]}"', code
+    assert len(RUNS) >= 18  # the test finds the blocks
+
+
+def test_api_pages_have_no_blocks_of_their_own():
+    assert [name for page in API_PAGES for name, _, _ in blocks(page)] == []
+
+
+def test_the_api_reference_documents_every_public_name():
+    documented = [line.split(":::", 1)[1].strip() for page in API_PAGES
+                  for line in page.read_text().splitlines() if line.startswith(":::")]
+    public = [f"jbn.{name}" for name in jbn.__all__]
+    for module in ("nnx", "equinox"):  # their __all__, read without importing the framework
+        source = (ROOT / "jbn" / f"{module}.py").read_text()
+        names = re.search(r"^__all__ = \[(.*?)\]", source, re.MULTILINE | re.DOTALL).group(1)
+        public += [f"jbn.{module}.{name}" for name in re.findall(r'"(\w+)"', names)]
+    assert sorted(documented) == sorted(public)
+
+
+def test_the_readme_is_an_entrance_that_starts_with_the_set_up_commands():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    first_screen = lines[:50]
+    for command in SET_UP:
+        assert command in first_screen, command
+    assert SET_UP[1] in (ROOT / ".ci" / "run").read_text()
+
+
+
+def test_no_measured_figure_is_typed_into_the_docs():
+    """Times, speed-up ratios and measured errors live in the files the benchmarks write
+    (benchmarks/*.md), which the pages include; a page that retyped one would drift."""
+    figure = re.compile(r"\d\s?(µs|ms)\b|\d\.\d+ ?×|\d\.\de-\d\d")
+    typed = [f"{page.relative_to(ROOT)}: {line}" for page in [README, *GUIDES]
+             for line in page.read_text().splitlines() if figure.search(line)]
+    assert typed == []
+
+def test_the_site_builds_without_a_warning(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path),
+         "--config-file", str(ROOT / "mkdocs.yml")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    built = {path.parent.relative_to(tmp_path).as_posix()
+             for path in tmp_path.rglob("index.html")}
+    pages = {"." if page.stem == "index" else page.relative_to(ROOT / "docs").with_suffix("")
+             .as_posix() for page in (ROOT / "docs").rglob("*.md")}
+    assert pages <= built, sorted(pages - built)
+    # The API reference is rendered from the docstrings, and the recorded tables included.
+    assert "Batch normalization, per channel, as a pure function" in (
+        tmp_path / "api" / "core" / "index.html").read_text()
+    assert "<table>" in (tmp_path / "results" / "accuracy" / "index.html").read_text()
