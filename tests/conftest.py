@@ -2,9 +2,16 @@
 fixture that runs a module on both paths of the statistics."""
 
 import os
+import tempfile
 
 # The tests run on the CPU, also where a GPU plugin is installed (the GPU plan's test).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session and the processes it starts (examples, doc blocks,
+# distributed workers): the same computations compile once, not in every process, and not
+# again after a switch of the statistics' path drops the in-memory caches.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jbn-tests-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

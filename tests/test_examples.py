@@ -1,6 +1,7 @@
 """The examples run as a user runs them, each in its own process, and do their job:
-``train.py`` reaches its accuracy, and ``data_parallel.py`` trains as one device does
-(shard_map, pmap, and across 2 jax.distributed processes), with few epochs for speed."""
+``train.py`` reaches its accuracy, ``data_parallel.py`` trains as one device does
+(shard_map, pmap, and across 2 jax.distributed processes), and ``resnet_from_torch.py``
+trains in lockstep with PyTorch; with few epochs or steps for speed."""
 
 import re
 
@@ -21,8 +22,8 @@ def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration()
 
 
 @pytest.mark.parametrize("args", [
-    ("--epochs", "2"),
-    ("--epochs", "2", "--pmap"),
+    ("--epochs", "1"),
+    ("--epochs", "1", "--pmap"),
     ("--epochs", "1", "--processes", "2"),
     ("--epochs", "1", "--processes", "2", "--pmap"),
 ], ids=["shard_map", "pmap", "shard_map-2-processes", "pmap-2-processes"])
@@ -41,3 +42,20 @@ def test_data_parallel_training_matches_one_device(args):
         assert single_accuracy == parallel_accuracy, output
     assert "MISMATCH" not in output
     assert re.search(r"^match: ", output, re.MULTILINE), output
+
+
+def test_resnet_example_trains_in_lockstep_with_pytorch_and_loads_back_strictly(monkeypatch):
+    # One torch thread: the tiny model gains nothing from more, and idle OpenMP threads
+    # spinning between torch calls would slow JAX's.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = run_example("resnet_from_torch.py", "--width", "4", "--blocks", "1", "--size",
+                         "16", "--batch", "4", "--steps", "2")
+    assert re.search(r"12 batch norms .* among 74 state_dict entries", output), output
+    rows = re.findall(r"^ +(\d+) +\| +([\d.]+) +([\d.e+-]+) +([\d.e+-]+) +([\d.e+-]+) +\| +"
+                      r"([\d.e+-]+) +\| +([\d.e+-]+)$", output, re.MULTILINE)
+    assert [int(row[0]) for row in rows] == [1, 2], output
+    for row in rows:
+        assert max(float(value) for value in row[2:5]) <= 1e-9, output
+    logits = re.findall(r"max \|PyTorch − JAX\| = ([\d.e+-]+)", output)
+    assert len(logits) == 2 and max(map(float, logits)) <= 1e-9, output
+    assert "strict=True: 74 entries, missing [], unexpected []" in output, output

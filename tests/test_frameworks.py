@@ -20,8 +20,6 @@ import jbn.equinox
 import jbn.nnx
 from helpers import assert_close_ulps
 
-pytestmark = pytest.mark.usefixtures("statistics_path")
-
 C = 3
 KEYWORDS = {"momentum": None, "eps": 1e-3}  # not the defaults, so passing them on shows
 

@@ -44,7 +44,8 @@ def test_jit_with_static_training_equals_eager():
 @pytest.mark.parametrize("mask", [None, MASK], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("state", [STATE, {}], ids=["running", "batch-only"])
 def test_derivatives_up_to_second_order_match_finite_differences(training, mask, state):
-    f = functools.partial(loss, training=training, mask=mask, state=state)
+    # Jitted: each derivative compiles once, where eager calls trace it on every evaluation.
+    f = jax.jit(functools.partial(loss, training=training, mask=mask, state=state))
     check_grads(f, (X, PARAMS), order=2, modes=("fwd", "rev"))
 
 
