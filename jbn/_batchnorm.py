@@ -4,15 +4,17 @@ arguments, compute the batch's statistics, normalize, update the running state."
 from __future__ import annotations
 
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jbn._call import parse
+from jbn._call import Call, parse
 from jbn._normalize import normalize, normalize_with
+from jbn._reduction import compute_dtype
 from jbn._stats import Statistics
+from jbn._stats import statistics as statistics_of
 
 Params = dict[str, Array]
 State = dict[str, Array]
@@ -24,6 +26,7 @@ def init(
     affine: bool = True,
     track_running_stats: bool = True,
     dtype: DTypeLike = jnp.float32,
+    accumulation_steps: int | None = None,
 ) -> tuple[Params, State]:
     """Parameters and state of a batch norm over ``num_features`` channels.
 
@@ -32,12 +35,16 @@ def init(
       affine: whether there is a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
       track_running_stats: whether there are running statistics for eval mode.
       dtype: floating dtype of the parameters and running statistics.
+      accumulation_steps: None, or the k of ``batchnorm(..., accumulation_steps=k)``: the
+        state then also carries ``"accumulator"``, the statistics of the micro-batches of
+        the optimizer step under way (empty: ``count``, ``degrees`` 0, ``mean``, ``m2``
+        zeros(C), in at least float32; ``micro_batches`` int32 0).
 
     Returns:
       ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, or ``{}`` without affine.
       ``state``: ``{"running_mean": zeros(C), "running_var": ones(C),
       "num_batches_tracked": int32 0}``, or ``{}`` without running statistics.
-      The names are PyTorch's state_dict names.
+      The names are PyTorch's state_dict names; ``to_torch`` leaves the accumulator out.
 
     PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...)``.
     """
@@ -47,6 +54,14 @@ def init(
         raise ValueError(f"num_features must be positive, got {num_features}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
+    if accumulation_steps is not None and (
+            isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int)
+            or accumulation_steps <= 0):
+        raise ValueError(f"accumulation_steps must be a positive int or None, got "
+                         f"{accumulation_steps!r}")
+    if accumulation_steps is not None and not track_running_stats:
+        raise ValueError("accumulation_steps accumulates into the running statistics, and "
+                         "track_running_stats=False has none")
     params = {}
     if affine:
         params = {"weight": jnp.ones(num_features, dtype), "bias": jnp.zeros(num_features, dtype)}
@@ -57,6 +72,8 @@ def init(
             "running_var": jnp.ones(num_features, dtype),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
+    if accumulation_steps is not None:
+        state["accumulator"] = _empty_accumulator(num_features, compute_dtype(dtype))
     return params, state
 
 
@@ -72,8 +89,12 @@ def batchnorm(
     mask: Array | None = None,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    group_size: int | None = None,
     renorm: tuple[ArrayLike, ArrayLike] | None = None,
     virtual_batch_size: int | None = None,
+    accumulation_steps: int | None = None,
+    accumulation_pooling: str = "union",
+    statistics: Mapping[str, Array] | None = None,
 ) -> tuple[Array, State]:
     """Batch normalization, per channel, as a pure function.
 
@@ -108,6 +129,26 @@ def batchnorm(
       ``Σ M2_g / Σ (n_g − 1)`` (for groups of equal counts: the mean of the groups' unbiased
       variances), and counts one batch.
 
+    Statistics can also span more than one call, or less than all devices:
+
+    * ``accumulation_steps=k`` (gradient accumulation): each training call normalizes its
+      micro-batch with its own statistics, as without, and merges them into
+      ``state["accumulator"]`` (Chan's update: sums of squares about each micro-batch's
+      mean, so nothing cancels; a micro-batch with no valid value adds nothing). Every k-th
+      call updates the running statistics once, as above, from the statistics of all the
+      step's values (``accumulation_pooling="union"``: their mean and unbiased variance,
+      what one call on the whole batch gives) or from the micro-batches pooled as ghost
+      batches are (``"micro-batches"``: the mean of all values and ``Σ M2_b / Σ (n_b − 1)``),
+      counts one batch and empties the accumulator; between those calls the running
+      statistics and ``num_batches_tracked`` stay as they were. The state comes from
+      ``init(C, accumulation_steps=k)``.
+    * ``group_size=k`` (or ``axis_index_groups``): each group of devices along ``axis_name``
+      has its own statistics. The running statistics learn from all groups, pooled as ghost
+      batches are, and are the same on every device.
+    * ``statistics={"mean", "var"}`` (``batch_statistics`` of many micro-batches): they
+      normalize in place of the batch's own, as constants to the derivative, which keeps
+      only the direct term ``w·ẋ/√(var + eps)``; the state is not updated.
+
     Args:
       params: ``{"weight", "bias"}`` of shape (C,), or ``{}`` (no affine transform).
       state: ``{"running_mean", "running_var"}`` of shape (C,) and an integer scalar
@@ -123,7 +164,12 @@ def batchnorm(
         statistics nor the Bessel count; their outputs are normalized all the same.
       axis_name: name(s) of mapped axes (``jax.pmap``, ``jax.shard_map``, ``jax.vmap``)
         whose devices or examples share the statistics (synchronized batch norm).
-      axis_index_groups: as in ``lax.psum`` (pmap): each group has its own statistics.
+      axis_index_groups: None, or the devices along ``axis_name`` split into groups (lists
+        of indices, each index once), each group with its own statistics; under
+        ``jax.shard_map``, ``jax.vmap`` and ``jax.pmap`` alike.
+      group_size: None, or k dividing the number of devices (or mapped examples) along
+        ``axis_name``: groups of k consecutive ones, ``axis_index_groups=[[0, …, k − 1],
+        [k, …], …]``.
       renorm: None, or ``(rmax, dmax)``, scalars (Python numbers or arrays, which may be
         traced: a schedule under ``jax.jit`` does not recompile) with ``rmax ≥ 1`` and
         ``dmax ≥ 0``; ``(1, 0)`` is plain batch norm. Needs running statistics; in eval mode
@@ -132,6 +178,13 @@ def batchnorm(
         statistics normalize (ignored in eval with running statistics); axis 0 must be the
         batch axis, not the channel axis. With ``axis_name``, groups lie within each
         device's slice and the running statistics learn from the groups of every device.
+      accumulation_steps: None, or k, a positive int (static): micro-batches per update of
+        the running statistics; needs the accumulator of ``init(C, accumulation_steps=k)``.
+      accumulation_pooling: ``"union"`` or ``"micro-batches"``: what the accumulated
+        micro-batches give the running statistics, as above.
+      statistics: None, or ``{"mean", "var"}`` (the biased variance), (C,) each: they
+        normalize in place of the batch's own, in training or eval without running
+        statistics; ``batch_statistics`` computes them over many micro-batches.
 
     Returns:
       ``y`` (shape and dtype of ``x``) and the new state.
@@ -158,17 +211,111 @@ def batchnorm(
     PyTorch has neither variant; Keras 2 had both (``renorm``, ``virtual_batch_size``).
     """
     call = parse(params, state, x, training, momentum=momentum, eps=eps, axis=axis, mask=mask,
-                 axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=renorm,
-                 virtual_batch_size=virtual_batch_size)
-    if not call.batch_statistics:
-        y = normalize_with(call.reduction, call.eps, call.x, state["running_mean"],
-                           state["running_var"], call.weight, call.bias)
+                 axis_name=axis_name, axis_index_groups=axis_index_groups,
+                 group_size=group_size, renorm=renorm, virtual_batch_size=virtual_batch_size,
+                 accumulation_steps=accumulation_steps,
+                 accumulation_pooling=accumulation_pooling, statistics=statistics)
+    if call.fixed is not None:  # running statistics in eval, or given ones
+        y = normalize_with(call.reduction, call.eps, call.x, *call.fixed, call.weight,
+                           call.bias)
         return y, state
-    y, statistics = normalize(call.reduction, call.eps, call.x, call.valid, call.weight,
-                              call.bias, call.renorm)
+    y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight, call.bias,
+                         call.renorm)
     if call.updates_state:
-        state = _updated(state, statistics.pooled(call.reduction), call.momentum)
+        state = _learned(state, found.pooled(call.reduction), call)
     return y, state
+
+
+def batch_statistics(
+    state: State,
+    xs: Array,
+    *,
+    momentum: float | None = 0.1,
+    axis: int = 1,
+    mask: Array | None = None,
+    axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    group_size: int | None = None,
+) -> tuple[dict[str, Array], State]:
+    """The statistics of many micro-batches together, and the running state updated once
+    with them: what one training call on the whole batch would compute and learn.
+
+    The micro-batches are stacked along a new axis 0 of ``xs`` and visited one at a time
+    (``lax.scan``), so only one is in memory at once; their statistics merge by Chan's update
+    (sums of squares about each micro-batch's mean: nothing cancels). Normalize each
+    micro-batch with them through ``batchnorm(..., statistics=...)``. What that derivative
+    keeps: the statistics are constants to it, so ``ẏ = w·ẋ/√(var + eps)``; the derivative of
+    batch norm on the whole batch has two more terms,
+    ``−w/√(var + eps)·(⟨ẋ⟩ + x̂·⟨x̂·ẋ⟩)``, means over every micro-batch, which no single
+    micro-batch's backward pass can know.
+
+    Args:
+      state: the running state, or ``{}``; an accumulator in it is left as it is.
+      xs: the micro-batches, stacked: (k, N, C, ...), each as ``batchnorm`` takes ``x``.
+      momentum, axis, axis_name, axis_index_groups, group_size: as in ``batchnorm``, for
+        each micro-batch.
+      mask: None, or the micro-batches' masks stacked along axis 0, each as in
+        ``batchnorm``.
+
+    Returns:
+      ``{"mean", "var", "count"}``: the mean and biased variance (C,) of all valid values
+      and their number per channel (over every device along ``axis_name``, or of this
+      device's group), and the state updated as by one training call on all of them
+      (``num_batches_tracked + 1``).
+
+    PyTorch: no equivalent.
+    """
+    if not hasattr(xs, "shape") or getattr(xs, "ndim", 0) < 2:
+        raise ValueError(f"xs must stack micro-batches along a new axis 0, got "
+                         f"{getattr(xs, 'shape', type(xs).__name__)}")
+    if mask is not None and getattr(mask, "shape", (None,))[:1] != xs.shape[:1]:
+        raise ValueError(f"mask must stack the micro-batches' masks along axis 0, as xs "
+                         f"{xs.shape} does; got {getattr(mask, 'shape', type(mask).__name__)}")
+    call = parse({}, state, xs[0], True, momentum=momentum, eps=1.0, axis=axis,
+                 mask=None if mask is None else mask[0], axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, group_size=group_size, renorm=None,
+                 virtual_batch_size=None, accumulation_steps=None,
+                 accumulation_pooling="union", statistics=None)
+    valid = None if mask is None else mask.reshape(xs.shape[:1] + call.valid.shape)
+    dtype, channels = compute_dtype(xs.dtype), call.x.shape[call.reduction.channel_axis]
+    empty = Statistics(jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros(channels, dtype),
+                       jnp.zeros(channels, dtype), jnp.zeros(channels, dtype))
+
+    def merge(so_far, micro_batch):
+        x, micro_valid = micro_batch
+        return so_far.merged(statistics_of(x, micro_valid, call.reduction)), None
+
+    total, _ = lax.scan(merge, empty, (xs, valid))
+    if call.updates_state:
+        state = _updated(state, lax.stop_gradient(total.pooled(call.reduction)), momentum)
+    return {"mean": total.mean, "var": total.variance, "count": total.count}, state
+
+
+def _learned(state: State, statistics: Statistics, call: Call) -> State:
+    """The state after a training call: updated from the batch's statistics, or with
+    ``accumulation_steps``, from those of the step's micro-batches on its last one."""
+    statistics = lax.stop_gradient(statistics)
+    if call.accumulation_steps is None:
+        return _updated(state, statistics, call.momentum)
+    accumulator = state["accumulator"]
+    so_far = Statistics(accumulator["count"], accumulator["degrees"], accumulator["mean"],
+                        jnp.zeros_like(accumulator["mean"]), accumulator["m2"])
+    merged = so_far.merged(statistics, within=call.within)
+    micro_batches = accumulator["micro_batches"] + 1
+    step_ends = micro_batches >= call.accumulation_steps
+    updated = _updated(state, merged, call.momentum)
+    empty = _empty_accumulator(accumulator["mean"].shape[0], accumulator["mean"].dtype)
+    merged = {"count": merged.count, "degrees": merged.degrees, "mean": merged.mean,
+              "m2": merged.m2, "micro_batches": micro_batches}
+    return {**{key: jnp.where(step_ends, updated[key], state[key]) for key in updated},
+            "accumulator": {key: jnp.where(step_ends, empty[key], merged[key]).astype(
+                accumulator[key].dtype) for key in accumulator}}
+
+
+def _empty_accumulator(channels: int, dtype: DTypeLike) -> dict[str, Array]:
+    return {"count": jnp.zeros((), dtype), "degrees": jnp.zeros((), dtype),
+            "mean": jnp.zeros(channels, dtype), "m2": jnp.zeros(channels, dtype),
+            "micro_batches": jnp.zeros((), jnp.int32)}
 
 
 def _updated(state: State, statistics: Statistics, momentum: float | None) -> State:
@@ -181,7 +328,6 @@ def _updated(state: State, statistics: Statistics, momentum: float | None) -> St
     inf or nan, so they stay as they were."""
     num_batches = state["num_batches_tracked"] + 1
     factor = 1 / num_batches.astype(statistics.mean.dtype) if momentum is None else momentum
-    statistics = lax.stop_gradient(statistics)
 
     def updated(running, batch_value):
         new = (1 - factor) * running + factor * batch_value

@@ -25,6 +25,9 @@ PARAM_KEYS = ("weight", "bias")
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+POOLINGS = ("union", "micro-batches")
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One call of ``batchnorm``, parsed."""
@@ -33,12 +36,14 @@ class Call:
     reduction: Reduction  # which values share the statistics
     weight: Array | None  # (C,), or None without affine
     bias: Array | None
-    batch_statistics: bool  # whether the batch's own statistics normalize
+    fixed: tuple[Array, Array] | None  # (mean, var) that normalize, or None: the batch's own
     updates_state: bool  # training with running statistics
     eps: float
     momentum: float | None
     valid: Array | None  # the mask, shaped to broadcast against x
     renorm: Renorm | None  # what batch renormalization corrects towards, or None
+    accumulation_steps: int | None  # micro-batches per running update, or None: every call
+    within: bool  # accumulated micro-batches pooled within (ghost-style), or as one union
 
 
 def parse(
@@ -53,8 +58,12 @@ def parse(
     mask: Any,
     axis_name: Hashable | tuple[Hashable, ...] | None,
     axis_index_groups: Sequence[Sequence[int]] | None,
+    group_size: Any,
     renorm: tuple[ArrayLike, ArrayLike] | None,
     virtual_batch_size: Any,
+    accumulation_steps: Any,
+    accumulation_pooling: Any,
+    statistics: Any,
 ) -> Call:
     """``batchnorm``'s arguments as a ``Call``; raises ``TypeError``/``ValueError`` naming the
     argument, what was seen and what was expected."""
@@ -62,26 +71,33 @@ def parse(
     x = _array_x(x, axis_name)
     channel_axis = _channel_axis(axis, x.shape, axis_name)
     _check_channels_of_x(x.shape, channel_axis, axis, params, state)
-    check_layer(params, state, channels=x.shape[channel_axis])
-    batch_statistics = training or not state
-    _check_momentum(momentum, warn=training and bool(state))
-    check_eps(eps, positive=batch_statistics)
-    if axis_index_groups is not None and axis_name is None:
-        raise ValueError(f"axis_index_groups {axis_index_groups!r} needs axis_name: the groups "
-                         "split the devices of that axis")
+    channels = check_layer(params, state, channels=x.shape[channel_axis])
+    given = _given_statistics(statistics, channels, training, state)
+    batch_statistics = (training or not state) and given is None
+    _check_momentum(momentum, warn=training and bool(state) and given is None)
+    check_eps(eps, positive=batch_statistics or given is not None)
     ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
-    reduction = Reduction(x.ndim, channel_axis, axis_name, None if axis_index_groups is None
-                          else tuple(tuple(int(i) for i in g) for g in axis_index_groups), ghost)
+    groups = _device_groups(axis_index_groups, group_size, axis_name)
+    reduction = Reduction(x.ndim, channel_axis, axis_name, groups, ghost)
     limits = _renorm_limits(renorm, state)
+    steps, within = _accumulation(accumulation_steps, accumulation_pooling, state,
+                                  training and given is None, ghost)
+    if given is not None and (ghost or limits is not None):
+        raise ValueError("statistics normalize in place of the batch's own: renorm and "
+                         "virtual_batch_size, which change how the batch's own normalize, "
+                         "do not go with them")
     devices = _devices(reduction)
     if batch_statistics:
         _check_values_per_channel(x.shape, reduction, devices, masked=mask is not None)
+    if not batch_statistics and given is None:  # eval with running statistics
+        given = (state["running_mean"], state["running_var"])
     return Call(
         x=x, reduction=reduction, weight=params.get("weight"), bias=params.get("bias"),
-        batch_statistics=batch_statistics, updates_state=training and bool(state),
+        fixed=given, updates_state=training and bool(state) and batch_statistics,
         eps=float(eps), momentum=momentum, valid=_valid(mask, x.shape, channel_axis),
         renorm=None if limits is None or not batch_statistics else Renorm(
-            state["running_mean"], state["running_var"], *limits))
+            state["running_mean"], state["running_var"], *limits),
+        accumulation_steps=steps, within=within)
 
 
 def check_layer(params: Any, state: Any, *, channels: int | None = None,
@@ -89,7 +105,9 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
     """Checks one layer's ``params`` and ``state`` as ``batchnorm`` takes them: each a dict,
     ``{}`` or with exactly its keys; ``weight``, ``bias``, ``running_mean``, ``running_var``
     floating arrays of shape (C,); ``num_batches_tracked`` an int32 or int64 scalar (a
-    narrower integer would wrap around, and ``momentum=None`` divides by it).
+    narrower integer would wrap around, and ``momentum=None`` divides by it); and, where the
+    state accumulates micro-batches, ``accumulator``: ``count``, ``degrees`` floating
+    scalars, ``mean``, ``m2`` of shape (C,), ``micro_batches`` an int32 or int64 scalar.
 
     Args:
       params, state: the layer's dicts.
@@ -105,36 +123,57 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
       ValueError: naming the entry, for keys missing or unexpected, and for a shape or
         dtype other than expected.
     """
-    reference = None  # the name of the entry C was taken from
-    for kind, entries, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
-        if not isinstance(entries, Mapping):
-            raise TypeError(f"{kind} must be a dict, got {type(entries).__name__}")
-        if not entries:
+    entries = []  # (name, value, kind)
+    for kind, found, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
+        if not isinstance(found, Mapping):
+            raise TypeError(f"{kind} must be a dict, got {type(found).__name__}")
+        if not found:
             continue
-        if set(entries) != set(keys):
-            raise ValueError(f"{kind} must have keys {list(keys)} (or be empty); missing "
-                             f"{sorted(set(keys) - set(entries))}, unexpected "
-                             f"{sorted(set(entries) - set(keys))}")
-        for key in keys:
-            name = (names or {}).get(key, f"{kind}[{key!r}]")
-            value = entries[key]
-            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-                raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-            shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-            if key == "num_batches_tracked":
-                if shape != () or dtype not in (np.int32, np.int64):
-                    raise ValueError(f"{name} must have shape () and an int32 or int64 dtype, "
-                                     f"got shape {shape} {dtype}")
-                continue
+        optional = ("accumulator",) if kind == "state" else ()
+        if not set(keys) <= set(found) <= set(keys) | set(optional):
+            raise ValueError(f"{kind} must have keys {list(keys)} (or be empty)"
+                             + "".join(f", and may have {key!r}" for key in optional)
+                             + f"; missing {sorted(set(keys) - set(found))}, unexpected "
+                             f"{sorted(set(found) - set(keys) - set(optional))}")
+        entries += [((names or {}).get(key, f"{kind}[{key!r}]"), found[key],
+                     "count" if key == "num_batches_tracked" else "vector") for key in keys]
+        if "accumulator" in found:
+            accumulator = found["accumulator"]
+            if not isinstance(accumulator, Mapping) or set(accumulator) != set(ACCUMULATOR):
+                raise ValueError(f"state['accumulator'] must be a dict with keys "
+                                 f"{list(ACCUMULATOR)}, as jbn.init(..., accumulation_steps=k) "
+                                 f"makes it; got {accumulator!r}")
+            entries += [(f"state['accumulator'][{key!r}]", accumulator[key], kind)
+                        for key, kind in ACCUMULATOR.items()]
+    reference = None  # the name of the entry C was taken from
+    for name, value, kind in entries:
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+        if kind == "count":
+            if shape != () or dtype not in (np.int32, np.int64):
+                raise ValueError(f"{name} must have shape () and an int32 or int64 dtype, "
+                                 f"got shape {shape} {dtype}")
+            continue
+        if kind == "scalar":
+            expected = "()"
+        else:
             if channels is None and len(shape) == 1:
                 channels, reference = shape[0], name
             expected = "(C,)" if channels is None else f"({channels},)"
             if reference is not None and reference != name:
                 expected += f" (the size of {reference})"
-            if shape != (channels,) or not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"{name} must have shape {expected} and a floating dtype, "
-                                 f"got shape {shape} {dtype}")
+        if (shape != (() if kind == "scalar" else (channels,))
+                or not jnp.issubdtype(dtype, jnp.floating)):
+            raise ValueError(f"{name} must have shape {expected} and a floating dtype, "
+                             f"got shape {shape} {dtype}")
     return channels
+
+
+# The entries of a state's accumulator, by kind: a floating scalar, a floating (C,) vector, a
+# count of calls (int32 or int64).
+ACCUMULATOR = {"count": "scalar", "degrees": "scalar", "mean": "vector", "m2": "vector",
+               "micro_batches": "count"}
 
 
 def _check_training(training) -> None:
@@ -276,19 +315,101 @@ def _virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
     return int(size)
 
 
-def _devices(reduction: Reduction) -> int:
-    """How many devices (or mapped examples) share the statistics; checks that the named axes
-    are bound."""
-    devices = 1
-    names = reduction.axis_name if isinstance(reduction.axis_name, tuple) else (
-        () if reduction.axis_name is None else (reduction.axis_name,))
-    for name in names:
+def _device_groups(axis_index_groups, group_size, axis_name) -> tuple[tuple[int, ...], ...] | None:
+    """The partition of the devices along ``axis_name`` into groups, from ``group_size``
+    (consecutive devices) or ``axis_index_groups``; None without groups."""
+    if axis_index_groups is None and group_size is None:
+        return None
+    name = "axis_index_groups" if group_size is None else "group_size"
+    value = axis_index_groups if group_size is None else group_size
+    if axis_name is None:
+        raise ValueError(f"{name} {value!r} needs axis_name: the groups split the devices of "
+                         "that axis")
+    if axis_index_groups is not None and group_size is not None:
+        raise ValueError("pass group_size or axis_index_groups, not both: both say how the "
+                         "devices group")
+    size = _axis_size(axis_name)
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"group_size must be an int or None, got {group_size!r}")
+        if group_size <= 0 or size % group_size:
+            raise ValueError(f"group_size must be positive and divide the {size} devices along "
+                             f"axis_name {axis_name!r}, got {group_size}")
+        return tuple(tuple(range(start, start + group_size))
+                     for start in range(0, size, group_size))
+    groups = tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+    if sorted(i for group in groups for i in group) != list(range(size)) or not all(groups):
+        raise ValueError(f"axis_index_groups must split the {size} devices along axis_name "
+                         f"{axis_name!r}, each in one group; got {axis_index_groups!r}")
+    return groups
+
+
+def _accumulation(steps, pooling, state, accumulates: bool,
+                  ghost: int | None) -> tuple[int | None, bool]:
+    """``accumulation_steps`` (None, or micro-batches per running update) and whether the
+    micro-batches pool within, where the running state accumulates."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"accumulation_pooling must be one of {list(POOLINGS)}, got "
+                         f"{pooling!r}")
+    if steps is None:
+        return None, False
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"accumulation_steps must be an int or None, got {steps!r}")
+    if steps <= 0:
+        raise ValueError(f"accumulation_steps must be positive, got {steps}")
+    if not accumulates:  # eval, or given statistics: the running state does not learn
+        return int(steps), pooling == "micro-batches"
+    if not state or "accumulator" not in state:
+        raise ValueError("accumulation_steps accumulates into state['accumulator'], and "
+                         f"state has keys {sorted(state)}: make the state with "
+                         "jbn.init(num_features, accumulation_steps=k)")
+    if ghost is not None:
+        raise ValueError("accumulation_steps and virtual_batch_size do not go together: "
+                         "accumulate the micro-batches' statistics, or pool ghost batches, "
+                         "not both")
+    return int(steps), pooling == "micro-batches"
+
+
+def _given_statistics(statistics, channels, training, state) -> tuple[Array, Array] | None:
+    """``statistics``' (mean, var), where they normalize in place of the batch's own."""
+    if statistics is None:
+        return None
+    if not isinstance(statistics, Mapping) or not {"mean", "var"} <= set(statistics):
+        raise TypeError("statistics must be a dict with 'mean' and 'var' (biased), as "
+                        f"jbn.batch_statistics returns, got {statistics!r}")
+    if not training and state:
+        raise ValueError("statistics normalize in place of the batch's own, in training; in "
+                         "eval the running statistics normalize: pass training=True, or "
+                         "statistics=None")
+    for key in ("mean", "var"):
+        value = statistics[key]
+        if (not hasattr(value, "shape") or tuple(value.shape) != (channels,)
+                or not jnp.issubdtype(value.dtype, jnp.floating)):
+            raise ValueError(f"statistics[{key!r}] must be a floating array of shape "
+                             f"({channels},), got {getattr(value, 'shape', type(value).__name__)}")
+    return statistics["mean"], statistics["var"]
+
+
+def _axis_size(axis_name) -> int:
+    """How many devices (or mapped examples) lie along ``axis_name``; checks that the named
+    axes are bound."""
+    size = 1
+    for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
         try:
-            devices *= lax.axis_size(name)
+            size *= lax.axis_size(name)
         except NameError:
             raise ValueError(
                 f"axis_name {name!r} is not bound: call batchnorm inside jax.pmap, "
                 f"jax.shard_map or jax.vmap that names the axis {name!r}") from None
+    return size
+
+
+def _devices(reduction: Reduction) -> int:
+    """How many devices (or mapped examples) share the statistics; checks that the named axes
+    are bound."""
+    if reduction.axis_name is None:
+        return 1
+    devices = _axis_size(reduction.axis_name)
     if reduction.axis_index_groups is not None:
         devices = min(len(group) for group in reduction.axis_index_groups)
     return devices

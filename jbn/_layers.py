@@ -4,12 +4,14 @@ threaded, and the keywords a framework layer passes on to ``batchnorm``."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
 
 from jbn._batchnorm import batchnorm
 from jbn._call import check_layer
@@ -25,8 +27,9 @@ def stale_layers(before: Any, after: Any) -> list[str]:
     """The batch norms whose running state a training step did not advance.
 
     Every ``num_batches_tracked`` in ``before`` must have grown in ``after``, at the same
-    place: a layer whose new state was not threaded back (it still holds, or was left out
-    of, the new state) shows here. Runs on concrete arrays, outside ``jax.jit``.
+    place, or, for a layer that accumulates micro-batches, its accumulator taken one more:
+    a layer whose new state was not threaded back (it still holds, or was left out of, the
+    new state) shows here. Runs on concrete arrays, outside ``jax.jit``.
 
     Args:
       before: the states before the step: any pytree of jbn states, such as
@@ -41,9 +44,10 @@ def stale_layers(before: Any, after: Any) -> list[str]:
 
     PyTorch: no equivalent; each module there updates its own buffers in place.
     """
-    advanced = dict(_counts(after))
-    return [path for path, count in _counts(before)
-            if path not in advanced or not np.all(np.asarray(advanced[path]) > count)]
+    advanced = dict(_progress(after))
+    return [path for path, (count, micro_batches) in _progress(before)
+            if path not in advanced or not (np.all(advanced[path][0] > count)
+                                            or np.any(advanced[path][1] != micro_batches))]
 
 
 def reset_running_stats(states: Any) -> Any:
@@ -74,17 +78,71 @@ def reset_running_stats(states: Any) -> Any:
              "num_batches_tracked": jnp.zeros_like}
 
     def reset(path, leaf):
-        key = getattr(path[-1], "key", None) if path else None
-        return fresh[key](leaf) if key in fresh else leaf
+        keys = [getattr(key, "key", None) for key in path]
+        if "accumulator" in keys:  # the micro-batches of a step under way go too
+            return jnp.zeros_like(leaf)
+        return fresh[keys[-1]](leaf) if keys and keys[-1] in fresh else leaf
 
     return jax.tree_util.tree_map_with_path(reset, states)
 
 
-def _counts(states: Any) -> list[tuple[str, np.ndarray]]:
-    """Each layer's path and ``num_batches_tracked``, found by that key."""
-    return [(dotted(keys[:-1]), np.asarray(leaf))
-            for keys, leaf in jax.tree_util.tree_leaves_with_path(states)
-            if getattr(keys[-1], "key", None) == "num_batches_tracked"]
+def sync_running_stats(states: Any, axis_name: Hashable | tuple[Hashable, ...], *,
+                       weight: ArrayLike | None = None) -> Any:
+    """Every batch norm's running statistics pooled over the devices along ``axis_name``:
+    the same on every device afterwards.
+
+    .. math:: \\mu = \\frac{\\sum_d w_d\\, \\mu_d}{\\sum_d w_d}, \\qquad
+              \\sigma^2 = \\frac{\\sum_d w_d\\, \\big(\\sigma_d^2 + (\\mu_d - \\mu)^2\\big)}
+              {\\sum_d w_d}
+
+    with :math:`\\mu_d, \\sigma_d^2` device d's ``running_mean`` and ``running_var``: the
+    variance of the devices' data together, their own variances plus the spread of their
+    means (the law of total variance), where averaging the variances alone would leave the
+    spread out. For running statistics that drifted apart: per device (unsynchronized batch
+    norm, ``axis_name=None`` in training) or per group of devices on a mesh whose inner axis
+    alone is named. Two all-reduces per layer, of C + 1 and C values.
+
+    Args:
+      states: one layer's state or any pytree of them; call inside ``jax.shard_map``,
+        ``jax.pmap`` or ``jax.vmap`` over ``axis_name``.
+      axis_name: the mapped axis (or axes) of the devices to pool.
+      weight: this device's weight, such as the number of values its running statistics
+        have seen; None weighs every device alike.
+
+    Returns:
+      The same structure, ``running_mean`` and ``running_var`` pooled in their dtypes; every
+      other leaf (``num_batches_tracked``, an accumulator) as it is.
+
+    PyTorch: timm's ``distribute_bn(..., reduce=True)`` averages the running means and the
+    running variances with equal weights, the spread of the means left out.
+    """
+    weight = jnp.asarray(1.0 if weight is None else weight)
+
+    def pooled(state):
+        mean, var = (state[key].astype(jnp.promote_types(state[key].dtype, jnp.float32))
+                     for key in ("running_mean", "running_var"))
+        total, weighted = lax.psum((weight, weight * mean), axis_name)
+        pooled_mean = weighted / total
+        pooled_var = lax.psum(weight * (var + (mean - pooled_mean) ** 2), axis_name) / total
+        return {**state, "running_mean": pooled_mean.astype(state["running_mean"].dtype),
+                "running_var": pooled_var.astype(state["running_var"].dtype)}
+
+    return jax.tree.map(lambda node: pooled(node) if _is_state(node) else node, states,
+                        is_leaf=_is_state)
+
+
+def _is_state(node: Any) -> bool:
+    return isinstance(node, Mapping) and "running_mean" in node
+
+
+def _progress(states: Any) -> list[tuple[str, tuple[np.ndarray, np.ndarray | None]]]:
+    """Each layer's path, ``num_batches_tracked`` and its accumulator's ``micro_batches``
+    (None without one), found by their keys."""
+    found = jax.tree.leaves_with_path(states, is_leaf=_is_state)
+    return [(dotted(keys), (np.asarray(state["num_batches_tracked"]),
+                            None if "accumulator" not in state
+                            else np.asarray(state["accumulator"]["micro_batches"])))
+            for keys, state in found if _is_state(state)]
 
 
 def dotted(keys) -> str:

@@ -16,9 +16,10 @@ from jax.typing import DTypeLike
 @dataclasses.dataclass(frozen=True)
 class Reduction:
     """Which values of ``x`` share one set of statistics: every axis but ``channel_axis``, on
-    every device along ``axis_name`` (within its group of ``axis_index_groups``); or, with
-    ``virtual_batch_size = k`` (ghost batches), each group of ``k`` consecutive examples
-    along axis 0 of this device's ``x``, every axis but ``channel_axis`` (never 0) within it.
+    every device along ``axis_name`` (within its group of ``axis_index_groups``, a partition
+    of the devices' indices); or, with ``virtual_batch_size = k`` (ghost batches), each group
+    of ``k`` consecutive examples along axis 0 of this device's ``x``, every axis but
+    ``channel_axis`` (never 0) within it.
 
     Static and hashable, so it can ride along as a non-differentiable argument.
     """
@@ -79,16 +80,45 @@ class Reduction:
         return jnp.sum(valid, dtype=dtype) * uncovered
 
     def psum(self, *values: Array) -> tuple[Array, ...]:
-        """Σ over the devices that share the statistics: one all-reduce of all the values
-        (identity unless ``across_devices``)."""
-        return self.psum_devices(*values) if self.across_devices else values
+        """Σ over the devices that share the statistics (identity unless
+        ``across_devices``): one all-reduce of all the values.
 
-    def psum_devices(self, *values: Array) -> tuple[Array, ...]:
-        """Σ over every device along ``axis_name``, ghost batches or not (identity without
-        ``axis_name``): one all-reduce of all the values."""
+        Within groups, each device writes its values into its group's row of a block of one
+        row per group, zeros elsewhere; one all-reduce of the block over every device; each
+        reads its group's row back. Exact (the other rows add zeros) and the same on every
+        device of a group, under ``jax.shard_map``, ``jax.vmap`` and ``jax.pmap`` alike
+        (``lax.psum``'s own ``axis_index_groups`` works under ``jax.pmap`` only); it carries
+        G times the values of one group's sums, G the number of groups."""
+        if not self.across_devices:
+            return values
+        if self.axis_index_groups is None:
+            return lax.psum(values, self.axis_name)
+        group = jnp.asarray(self._group_of_device())[lax.axis_index(self.axis_name)]
+        rows = jnp.arange(len(self.axis_index_groups)) == group
+        blocks = lax.psum(tuple(jnp.where(rows.reshape(-1, *[1] * jnp.ndim(v)), v, 0)
+                                for v in values), self.axis_name)
+        return tuple(block[group] for block in blocks)
+
+    def psum_all(self, *values: Array) -> tuple[Array, ...]:
+        """Σ over every device along ``axis_name``, whatever the groups and ghost batches
+        (identity without ``axis_name``): one all-reduce of all the values."""
         if self.axis_name is None:
             return values
-        return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return lax.psum(values, self.axis_name)
+
+    def first_of_group(self) -> Array | bool:
+        """Whether this device is the first of its group of ``axis_index_groups`` (True
+        without groups): one device speaks for the statistics its group shares."""
+        if self.axis_name is None or self.axis_index_groups is None:
+            return True
+        firsts = [min(group) for group in self.axis_index_groups]
+        table = [i in firsts for i in range(len(self._group_of_device()))]
+        return jnp.asarray(table)[lax.axis_index(self.axis_name)]
+
+    def _group_of_device(self) -> list[int]:
+        """The group of each device index."""
+        groups = {i: g for g, group in enumerate(self.axis_index_groups) for i in group}
+        return [groups[i] for i in range(len(groups))]
 
 
 def compute_dtype(dtype: DTypeLike) -> jnp.dtype:

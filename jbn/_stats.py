@@ -100,19 +100,42 @@ class Statistics(NamedTuple):
         return jnp.all(self.degrees > 0)
 
     def pooled(self, reduction: Reduction) -> Statistics:
-        """The statistics the running state learns from: these; over ghost batches, those of
-        every batch on every device along ``axis_name`` pooled (one all-reduce of 2C + 2
-        values): the mean of all valid values, ``Σ n_g·mean_g / Σ n_g``, and the within-batch
-        ``Σ M2_g`` with ``Σ (n_g − 1)`` degrees. For batches of equal counts the unbiased
-        variance is then the mean of the batches' own unbiased variances, those each was
-        normalized with (Bessel-corrected); a batch of fewer valid values weighs less, one
-        of 0 or 1 not at all in the variance."""
-        if reduction.virtual_batch_size is None:
+        """The statistics the running state learns from: these; over ghost batches, or over
+        groups of devices, those of every batch or group along ``axis_name`` pooled (one
+        all-reduce of 2C + 2 values), so that the running state is the same on every device:
+        the mean of all valid values, ``Σ n_g·mean_g / Σ n_g``, and the within-batch (or
+        within-group) ``Σ M2_g`` with ``Σ (n_g − 1)`` degrees. For batches of equal counts the
+        unbiased variance is then the mean of the batches' own unbiased variances, those each
+        was normalized with (Bessel-corrected); a batch of fewer valid values weighs less,
+        one of 0 or 1 not at all in the variance."""
+        ghost = reduction.virtual_batch_size is not None
+        if not ghost and (reduction.axis_name is None or reduction.axis_index_groups is None):
             return self
-        count, sum_x, m2, degrees = reduction.psum_devices(
-            jnp.sum(self.count), jnp.sum(self.count * self.mean, axis=0),
-            jnp.sum(self.m2, axis=0), jnp.sum(jnp.maximum(self.degrees, 0)))
+        rows = (self.count, self.count * self.mean, self.m2, jnp.maximum(self.degrees, 0))
+        if ghost:
+            rows = tuple(jnp.sum(row, axis=0) for row in rows)
+        else:  # a group's statistics, on each of its devices: counted once
+            rows = tuple(jnp.where(reduction.first_of_group(), row, 0) for row in rows)
+        count, sum_x, m2, degrees = reduction.psum_all(*rows)
         mean = sum_x / jnp.maximum(count, 1)
+        return Statistics(count, degrees, mean, jnp.zeros_like(mean), m2)
+
+    def merged(self, other: Statistics, *, within: bool = False) -> Statistics:
+        """The statistics of the values of both, by Chan, Golub and LeVeque's update:
+        ``n = n_a + n_b``, ``mean = mean_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``
+        with ``δ = mean_b − mean_a``: sums of squares about each set's own mean, so nothing
+        cancels. ``within``: ``M2 = M2_a + M2_b`` and ``Σ (n − 1)`` degrees, the pooled
+        within-set statistics (ghost batches'). A set of no value adds nothing."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        share = other.count / jnp.maximum(count, 1)
+        mean = self.mean + delta * share
+        if within:
+            m2 = self.m2 + other.m2
+            degrees = jnp.maximum(self.degrees, 0) + jnp.maximum(other.degrees, 0)
+        else:
+            m2 = self.m2 + other.m2 + delta * delta * self.count * share
+            degrees = count - 1
         return Statistics(count, degrees, mean, jnp.zeros_like(mean), m2)
 
 
@@ -195,15 +218,7 @@ def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistic
       with ghost batches (``reduction.virtual_batch_size``), one row per batch, each within
       its device.
     """
-    try:
-        return _statistics(x, valid, reduction, _scheme)
-    except NotImplementedError as error:
-        if reduction.axis_index_groups is None:
-            raise
-        # jax.shard_map and jax.vmap refuse groups once they transform the psum: the first
-        # psum of a call is here.
-        raise ValueError("axis_index_groups works under jax.pmap only, as in lax.psum "
-                         f"(jax.shard_map and jax.vmap have none): {error}") from None
+    return _statistics(x, valid, reduction, _scheme)
 
 
 # Jitted so that an eager call compiles its branches once per shape rather than on every call
@@ -241,9 +256,13 @@ def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) 
     # The branch returns the shift its sums are about, so that what follows uses that very
     # value: computed again outside, XLA may round it otherwise (÷n as ×(1/n), a fused
     # multiply-add), and a constant channel would lose its exact 0.
+    safe = plain_sums_suffice(count, sum_x, sum_squares, bound)
+    if reduction.across_devices and reduction.axis_index_groups is not None:
+        # Groups see different totals, and the exact branch's all-reduce spans every device:
+        # every device must take the same branch (one all-reduce of one value).
+        safe = reduction.psum_all(jnp.where(safe, 0, 1))[0] == 0
     shift, sum_deviations, sum_squared_deviations = lax.cond(
-        plain_sums_suffice(count, sum_x, sum_squares, bound),
-        lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
+        safe, lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
         lax.stop_gradient(sum_x / jnp.maximum(count, 1)))
     return _about_shift(shift, count, sum_deviations, sum_squared_deviations)
 

@@ -106,21 +106,6 @@ def test_pmap_axis_index_groups_normalize_each_group_on_its_own():
         assert_trees_close(index(state, 4 * g), expected_state, **CLOSE)
 
 
-@pytest.mark.parametrize("mapping", ["shard_map", "vmap"])
-def test_axis_index_groups_outside_pmap_is_a_clear_error(mapping):
-    call = functools.partial(jbn.batchnorm, PARAMS, STATE, training=True, axis_name="data",
-                             axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
-    if mapping == "vmap":
-        f = jax.vmap(lambda x: call(x, axis=0)[0], axis_name="data")
-    else:
-        f = jax.shard_map(lambda x: call(x)[0], mesh=mesh((DEVICES,), ("data",)),
-                          in_specs=P("data"), out_specs=P("data"))
-    x = X[:DEVICES] if mapping == "vmap" else jax.device_put(
-        X, NamedSharding(mesh((DEVICES,), ("data",)), P("data")))
-    with pytest.raises(ValueError, match=r"axis_index_groups works under jax.pmap only"):
-        f(x)
-
-
 @pytest.mark.parametrize("example_shape", [(C,), (C, L)])
 def test_per_example_vmap_equals_the_whole_batch(example_shape):
     x = X[(slice(None),) + tuple(slice(0, n) for n in example_shape)]

@@ -143,6 +143,46 @@ BAD_CALLS = {
         dict(x=jnp.ones((3, 8)), axis=0, virtual_batch_size=4), ValueError,
         r"virtual_batch_size groups the examples of axis 0, and x \(shape \(3, 8\)\) has its "
         r"channels there"),
+    "group_size without axis_name": (
+        dict(group_size=2), ValueError, r"group_size 2 needs axis_name"),
+    "group_size with axis_index_groups": (
+        dict(group_size=2, axis_index_groups=[[0, 1]], axis_name="batch"), ValueError,
+        r"pass group_size or axis_index_groups, not both"),
+    "accumulation_steps without an accumulator": (
+        dict(accumulation_steps=4), ValueError,
+        r"accumulation_steps accumulates into state\['accumulator'\], and state has keys "
+        r"\['num_batches_tracked', 'running_mean', 'running_var'\]: make the state with "
+        r"jbn.init\(num_features, accumulation_steps=k\)"),
+    "accumulation_steps 0": (
+        dict(accumulation_steps=0, state=jbn.init(3, accumulation_steps=2)[1]), ValueError,
+        r"accumulation_steps must be positive, got 0"),
+    "accumulation_steps a float": (
+        dict(accumulation_steps=2.0, state=jbn.init(3, accumulation_steps=2)[1]), TypeError,
+        r"accumulation_steps must be an int or None, got 2\.0"),
+    "accumulation_steps with ghost batches": (
+        dict(accumulation_steps=2, virtual_batch_size=2,
+             state=jbn.init(3, accumulation_steps=2)[1]), ValueError,
+        r"accumulation_steps and virtual_batch_size do not go together"),
+    "unknown accumulation_pooling": (
+        dict(accumulation_pooling="mean"), ValueError,
+        r"accumulation_pooling must be one of \['union', 'micro-batches'\], got 'mean'"),
+    "accumulator of the wrong shape": (
+        dict(state={**jbn.init(3, accumulation_steps=2)[1],
+                    "accumulator": {**jbn.init(4, accumulation_steps=2)[1]["accumulator"]}}),
+        ValueError, r"state\['accumulator'\]\['mean'\] must have shape \(3,\)"),
+    "statistics not a dict": (
+        dict(statistics=(jnp.zeros(3), jnp.ones(3))), TypeError,
+        r"statistics must be a dict with 'mean' and 'var'"),
+    "statistics of the wrong size": (
+        dict(statistics={"mean": jnp.zeros(4), "var": jnp.ones(4)}), ValueError,
+        r"statistics\['mean'\] must be a floating array of shape \(3,\), got \(4,\)"),
+    "statistics in eval with running statistics": (
+        dict(statistics={"mean": jnp.zeros(3), "var": jnp.ones(3)}, training=False),
+        ValueError, r"in eval the running statistics normalize"),
+    "statistics with renorm": (
+        dict(statistics={"mean": jnp.zeros(3), "var": jnp.ones(3)}, renorm=LIMITS),
+        ValueError, r"renorm and virtual_batch_size, which change how the batch's own "
+                    r"normalize, do not go with them"),
     "one value per channel in each ghost batch": (
         dict(x=jnp.ones((8, 3)), virtual_batch_size=1), ValueError,
         r"more than 1 value per channel in each ghost batch, got virtual_batch_size=1"),
