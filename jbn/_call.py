@@ -78,7 +78,8 @@ def parse(
     check_eps(eps, positive=batch_statistics or given is not None)
     ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
     groups = _device_groups(axis_index_groups, group_size, axis_name)
-    reduction = Reduction(x.ndim, channel_axis, axis_name, groups, ghost)
+    reduction = Reduction(x.ndim, channel_axis, axis_name, groups, ghost,
+                          _ghost_sharding(x, ghost))
     limits = _renorm_limits(renorm, state)
     steps, within = _accumulation(accumulation_steps, accumulation_pooling, state,
                                   training and given is None, ghost)
@@ -313,6 +314,33 @@ def _virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
         raise ValueError(f"virtual_batch_size {size} must divide the batch: x has "
                          f"{shape[0]} examples on axis 0 (shape {shape})")
     return int(size)
+
+
+def _ghost_sharding(x: Array, ghost: int | None) -> tuple[Any, ...] | None:
+    """Under Explicit mesh axes, the mesh axes of x's axis 0 split between the ghost batches
+    (major) and the examples of one (minor): a ghost batch lies on one device, or on the
+    devices of the minor axes exactly. None without ghost batches or Explicit axes."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if ghost is None or mesh is None or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    sizes = [mesh.shape[name] for name in axes]
+    devices, batches = math.prod(sizes), x.shape[0] // ghost
+    per_device = x.shape[0] // devices
+    for split in range(len(axes), -1, -1):
+        minor = math.prod(sizes[split:])
+        if (minor == 1 and batches % devices == 0) or (
+                minor > 1 and ghost == minor * per_device and batches * minor == devices):
+            return mesh, axes[:split], axes[split:]
+    raise ValueError(
+        f"virtual_batch_size {ghost} does not follow the sharding of x's axis 0 over mesh "
+        f"axes {axes} of sizes {sizes} ({per_device} examples per device): a ghost batch "
+        "must lie on one device, or on all the devices of the last mesh axes of axis 0. "
+        f"With Explicit axes, shard it over a mesh like jax.make_mesh((groups, k), "
+        f"('groups', 'group')) with P(('groups', 'group')) and virtual_batch_size = k × "
+        f"{per_device}; or use jax.shard_map with group_size=k")
 
 
 def _device_groups(axis_index_groups, group_size, axis_name) -> tuple[tuple[int, ...], ...] | None:

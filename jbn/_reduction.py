@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable
+from typing import Any
 
 import jax.numpy as jnp
 from jax import Array, lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 
@@ -29,6 +32,9 @@ class Reduction:
     axis_name: Hashable | tuple[Hashable, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     virtual_batch_size: int | None = None
+    # Under Explicit mesh axes, x's (abstract) mesh and the mesh axes of x's axis 0, split
+    # between the ghost batches (major) and the examples within one (minor); None elsewhere.
+    ghost_sharding: tuple[Any, tuple[str, ...], tuple[str, ...]] | None = None
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
@@ -48,9 +54,21 @@ class Reduction:
         if v.ndim == 2:
             # Each ghost batch's row for each of its examples: a broadcast XLA fuses into its
             # user.
-            v = jnp.repeat(v, self.virtual_batch_size, axis=0)
+            v = jnp.repeat(v, self.virtual_batch_size, axis=0,
+                           out_sharding=self.sharding_of(self.batch_axes()))
             shape[0] = v.shape[0]
         return v.reshape(shape)
+
+    def batch_axes(self) -> tuple[str, ...] | None:
+        """The mesh axes of x's axis 0 under Explicit axes, None elsewhere."""
+        return None if self.ghost_sharding is None else sum(self.ghost_sharding[1:], ())
+
+    def sharding_of(self, *leading: tuple[str, ...] | None) -> NamedSharding | None:
+        """The sharding of an array whose leading axes lie on the ``leading`` mesh axes, on
+        x's mesh; None (no constraint) without Explicit axes."""
+        if self.ghost_sharding is None:
+            return None
+        return NamedSharding(self.ghost_sharding[0], P(*(axes or None for axes in leading)))
 
     def sum(self, v: Array, valid: Array | None) -> Array:
         """Σ over this device's valid positions, per channel: (C,), or (G, C) per ghost
@@ -63,9 +81,13 @@ class Reduction:
         # reductions faster than one over a (G, k, ...) view of x (a training forward of
         # 64×64×32×32 in about 1.3 copies of x, as without ghost batches, instead of 2.9).
         per_example = jnp.sum(v, axis=self.reduce_axes[1:])
-        batches = per_example.shape[0] // self.virtual_batch_size
-        return jnp.sum(per_example.reshape(batches, self.virtual_batch_size,
-                                           per_example.shape[1]), axis=1)
+        return jnp.sum(self.split_batch(per_example), axis=1)
+
+    def split_batch(self, v: Array) -> Array:
+        """``v`` with axis 0 split into (ghost batches, examples within one)."""
+        _, major, minor = self.ghost_sharding or (None, None, None)
+        shape = (v.shape[0] // self.virtual_batch_size, self.virtual_batch_size, *v.shape[1:])
+        return v.reshape(shape, out_sharding=self.sharding_of(major, minor))
 
     def count(self, shape: tuple[int, ...], valid: Array | None, dtype: DTypeLike) -> Array:
         """Valid values per channel on this device: (), or (G, 1) per ghost batch."""

@@ -337,7 +337,8 @@ def _sampled_shift(x: Array, valid: Array | None, reduction: Reduction, samples:
     else:
         flags = jnp.broadcast_to(valid, [1 if i == reduction.channel_axis else n
                                          for i, n in enumerate(x.shape)])
-        flags = jnp.squeeze(flags, reduction.channel_axis).reshape(batches, *dims)
+        flags = jnp.squeeze(flags, reduction.channel_axis)
+        flags = reduction.split_batch(flags) if ghost else flags[None]  # (G, k, ...)
         at = sum(lax.broadcasted_iota(jnp.int32, flags.shape, 1 + k) * math.prod(dims[k + 1:])
                  for k in range(len(dims)))
         taken = jnp.where(flags, at, size)  # (G, ...): a valid value's position, or `size`
@@ -348,14 +349,22 @@ def _sampled_shift(x: Array, valid: Array | None, reduction: Reduction, samples:
         position = jnp.minimum(position, size - 1)  # no valid value: any position will do
     index = list(jnp.unravel_index(position, dims) if valid is not None
                  else np.unravel_index(position, dims))
-    index[0] = index[0] + np.arange(batches)[:, None] * dims[0]
-    index.insert(reduction.channel_axis, slice(None))
-    # Gathered replicated, wherever x lies: a sharded x then adds an all-reduce of
-    # G × samples × C values.
-    values = x.at[tuple(index)].get(
-        mode="promise_in_bounds", out_sharding=jax.typeof(x).sharding.update(spec=P()))
-    if reduction.channel_axis == 0:  # index arrays side by side keep their place: (C, G, S)
-        values = jnp.moveaxis(values, 0, -1)
+
+    def gathered(batch, positions):
+        """The values at ``positions`` (an index array per axis but the channel axis), for
+        every channel, last; replicated wherever ``batch`` lies: a sharded one adds an
+        all-reduce of S × C values, over the devices that hold it."""
+        where = list(positions)
+        where.insert(reduction.channel_axis, slice(None))
+        values = batch.at[tuple(where)].get(
+            mode="promise_in_bounds", out_sharding=jax.typeof(batch).sharding.update(spec=P()))
+        # Index arrays side by side keep their place: the channel axis first if it was.
+        return jnp.moveaxis(values, 0, -1) if reduction.channel_axis == 0 else values
+
+    if ghost:  # each ghost batch's from its own examples, on the devices that hold them
+        values = jax.vmap(gathered)(reduction.split_batch(x), [jnp.asarray(i) for i in index])
+    else:
+        values = gathered(x, index)  # (1, S, C)
     median = jnp.sort(values, axis=1)[:, samples // 2]
     return median if ghost else median[0]
 

@@ -31,6 +31,9 @@ import jbn  # noqa: E402
 from jbn import _stats  # noqa: E402
 
 AXIS = "batch"
+# Groups of 2 devices: each process's own, and one device of each process.
+GROUPS = {"group_size=2": {"group_size": 2},
+          "across processes": {"axis_index_groups": [[0, 2], [1, 3]]}}
 
 
 def main(coordinator: str, num_processes: int, process_id: int, directory: str) -> None:
@@ -63,20 +66,27 @@ def main(coordinator: str, num_processes: int, process_id: int, directory: str) 
             warnings.filterwarnings("ignore", "momentum=1.0", UserWarning)
             _, batch_stats = jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS,
                                            momentum=1.0)
-        return y, new_state, batch_stats, dx, dparams
+        # Groups: of consecutive devices (within each process here), and across processes.
+        groups = {name: jbn.batchnorm(params, state, x, True, mask=mask, axis_name=AXIS,
+                                      **keywords)
+                  for name, keywords in GROUPS.items()}
+        return y, new_state, batch_stats, dx, dparams, groups
 
     run = jax.jit(jax.shard_map(
         on_device, mesh=mesh,
         in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
-        out_specs=(P(AXIS), P(), P(), P(AXIS), P())))
-    y, new_state, batch_stats, dx, dparams = run(params, state, x, mask, cotangent)
+        out_specs=(P(AXIS), P(), P(), P(AXIS), P(), {name: (P(AXIS), P()) for name in GROUPS})))
+    y, new_state, batch_stats, dx, dparams, groups = run(params, state, x, mask, cotangent)
 
     # Sharded results are gathered into global values; replicated ones are read locally.
-    y, dx = multihost_utils.process_allgather((y, dx), tiled=True)
+    y, dx, grouped_y = multihost_utils.process_allgather(
+        (y, dx, {name: value[0] for name, value in groups.items()}), tiled=True)
     local = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
-                         {"state": new_state, "batch_stats": batch_stats, "grad": dparams})
+                         {"state": new_state, "batch_stats": batch_stats, "grad": dparams,
+                          **{f"{name} state": value[1] for name, value in groups.items()}})
     np.savez(os.path.join(directory, f"result_{process_id}.npz"),
              y=y, dx=dx, devices=jax.device_count(), processes=jax.process_count(),
+             **{f"{name} y": value for name, value in grouped_y.items()},
              **{f"{group}/{key}": value
                 for group, values in local.items() for key, value in values.items()})
 

@@ -158,3 +158,58 @@ def test_sync_running_stats_pools_the_devices_means_variances_and_spread(weighte
         np.testing.assert_allclose(layer["running_var"], var, **CLOSE)
         assert int(layer["num_batches_tracked"]) == 7
     np.testing.assert_array_equal(synced["other"], states["other"])
+
+
+def replica_group_sizes(text):
+    """(values carried, devices per replica group) of each all-reduce of optimized HLO."""
+    found = []
+    for line in text.splitlines():
+        op = re.search(r"= (.*?) all-reduce(?:-start)?\(.*replica_groups=(\S+)( \{[^}]*\})?",
+                       line)
+        if not op:
+            continue
+        values = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                     for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", op.group(1)))
+        groups = op.group(2)
+        iota = re.match(r"\[(\d+),(\d+)\]<=", groups)
+        if iota:
+            size = int(iota.group(2))
+        else:  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: the sizes of the named axes
+            sizes = dict((name, int(n)) for name, n in re.findall(r"'(\w+)'=(\d+)", groups))
+            size = int(np.prod([sizes[name] for name in re.findall(r"'(\w+)'",
+                                                                    op.group(3) or "")]))
+        found.append((values, size))
+    return found
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit,
+                                       jax.sharding.AxisType.Auto], ids=["Explicit", "Auto"])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_automatic_sharding_with_ghost_batches_of_a_group_communicates_within_it(
+        group_size, axis_type, mask, statistics_path):
+    """No axis_name: ghost batches of k devices' examples, on a mesh whose batch axis is split
+    into groups of k devices (k = 1: one device, a 1-D mesh)."""
+    shape, names = (((DEVICES,), ("data",)) if group_size == 1 else
+                    ((DEVICES // group_size, group_size), ("groups", "group")))
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P(names)))
+    f = jax.jit(lambda x, m: jbn.batchnorm(PARAMS, STATE, x, True, mask=m,
+                                           virtual_batch_size=4 * group_size))
+    m = jnp.ones(X.shape[0], bool) if mask is None else mask
+    y, state = f(put(X), put(m))
+    expected_y, expected_state = expected(group_size, mask)
+    # A ghost batch with no valid value has no statistics (the reference's NaN); jbn's output
+    # stays finite there.
+    defined = np.isfinite(expected_y)
+    assert np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_allclose(np.asarray(y)[defined], expected_y[defined], **CLOSE)
+    assert_trees_close(jax.tree.map(np.asarray, state),
+                       {k: np.asarray(v) for k, v in expected_state.items()}, **CLOSE)
+    reduces = replica_group_sizes(f.lower(put(X), put(m)).compile().as_text())
+    # The running state pools every group (2C + 2 values); on the CPU path the guard's one
+    # decision spans every device too (1 value). Everything else stays within a group.
+    shared = [2 * C + 2] + ([] if statistics_path else [1])
+    within = [(values, size) for values, size in reduces if values not in shared]
+    assert all(size == group_size for _, size in within), reduces
+    assert (within == []) == (group_size == 1), reduces

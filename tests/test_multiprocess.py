@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import jbn
+import reference
 
 WORKER = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
 PROCESSES = 2
@@ -145,3 +146,26 @@ def test_outputs_state_and_gradients_equal_one_call_on_the_whole_batch(run, proc
         assert result[key].dtype == value.dtype, key
         np.testing.assert_allclose(result[key], value, **TOLERANCE, err_msg=key)
     assert int(result["state/num_batches_tracked"]) == int(inputs["num_batches_tracked"]) + 1
+
+
+@pytest.mark.parametrize("process", range(PROCESSES))
+@pytest.mark.parametrize("name, devices", [("group_size=2", [[0, 1], [2, 3]]),
+                                           ("across processes", [[0, 2], [1, 3]])])
+def test_each_group_of_devices_is_batch_norm_on_its_examples_in_every_process(run, process,
+                                                                              name, devices):
+    inputs, results = run
+    result = results[process]
+    params = {k: inputs[k] for k in ("weight", "bias")}
+    state = {k: inputs[k] for k in ("running_mean", "running_var", "num_batches_tracked")}
+    rows = [np.concatenate([np.arange(2 * d, 2 * d + 2) for d in group]) for group in devices]
+    # The float64 reference with the groups' examples side by side, one ghost batch each.
+    order = np.concatenate(rows)
+    expected_y, expected_state = reference.batchnorm(
+        params, state, inputs["x"][order], True, mask=inputs["mask"][order],
+        virtual_batch_size=4)
+    defined = np.isfinite(expected_y)  # a group of no valid value has no statistics
+    np.testing.assert_allclose(result[f"{name} y"][order][defined], expected_y[defined],
+                               **TOLERANCE)
+    for key in ("running_mean", "running_var"):
+        np.testing.assert_allclose(result[f"{name} state/{key}"], expected_state[key],
+                                   **TOLERANCE)
