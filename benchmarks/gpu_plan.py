@@ -12,7 +12,9 @@ the thunk sequence a GPU would execute. For each case this prints, per training 
 * **all-reduces**, **all-gathers**: collectives, with the values they carry.
 
 Cases: one device (training forward; forward and backward together) on the benchmark's
-shapes, and 8 devices under ``jax.shard_map`` with ``axis_name``. Each runs with the
+shapes, and 8 devices under ``jax.shard_map`` with ``axis_name``: all 8, groups of 2 by
+``group_size=2`` (one row per group in each all-reduce), and groups of 2 as the inner axis of
+a (4, 2) mesh, that axis alone named (each group's own all-reduces). Each runs with the
 statistics a GPU runs (``platform``) and with the guarded statistics of the CPU forced
 (``guarded``, what GPUs ran before the platforms were told apart).
 
@@ -37,11 +39,13 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -50,6 +54,7 @@ from benchmarks import harness  # noqa: E402
 from jbn import _stats  # noqa: E402
 
 TARGET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "gpu" / "h100.txtpb"
+GPU_PLAN = pathlib.Path(__file__).with_name("GPU_PLAN.md")
 DEVICES = 8
 PATHS = {"platform": None, "guarded": _stats.GUARDED}
 MODES = {"train": "training forward", "grad": "forward+backward"}
@@ -129,15 +134,33 @@ def cases(mesh, shapes):
             yield (f"1 device, {'×'.join(map(str, shape))}", mode,
                    _step(mode, None), _arguments(one, shape, P()))
     shape = (DEVICES * 8, 64, 32, 32)
-    for mode in MODES:
-        step = jax.shard_map(_step(mode, "d"), mesh=mesh, in_specs=(P(), P(), P("d")),
-                             out_specs=((P(), P("d")), P()) if mode == "grad" else (P("d"), P()))
-        yield (f"{DEVICES} devices, {'×'.join(map(str, shape))} (shard_map)", mode, step,
-               _arguments(mesh, shape, P("d")))
+    name = f"{'×'.join(map(str, shape))} (shard_map)"
+    grid = jax.sharding.Mesh(mesh.devices.reshape(DEVICES // 2, 2), ("groups", "d"))
+    for case, step_mesh, keywords in (
+            (f"{DEVICES} devices, {name}", mesh, {}),
+            (f"{DEVICES} devices in groups of 2 (group_size=2), {name}", mesh,
+             {"group_size": 2}),
+            (f"{DEVICES} devices in groups of 2 (a (4, 2) mesh, its inner axis named), {name}",
+             grid, {})):
+        spec = P(step_mesh.axis_names)
+        for mode in MODES:
+            # y, or the gradients, alone: on the (4, 2) mesh each group keeps a running state
+            # of its own, which no single out_spec describes.
+            step = jax.shard_map(_first(_step(mode, "d", step_mesh.axis_names, **keywords)),
+                                 mesh=step_mesh, in_specs=(P(), P(), spec),
+                                 out_specs=(P(), spec) if mode == "grad" else spec)
+            yield case, mode, step, _arguments(step_mesh, shape, spec)
 
 
-def _step(mode: str, axis_name):
-    train = partial(jbn.batchnorm, training=True, axis_name=axis_name)
+def _first(function):
+    """``function``'s first result alone."""
+    return lambda *args: function(*args)[0]
+
+
+def _step(mode: str, axis_name, devices=None, **keywords):
+    """The training call, or with its backward pass: the gradients of a loss summed over
+    ``devices`` (mesh axes)."""
+    train = partial(jbn.batchnorm, training=True, axis_name=axis_name, **keywords)
     if mode == "train":
         return train
 
@@ -145,7 +168,9 @@ def _step(mode: str, axis_name):
         def loss(params, x):
             y, new_state = train(params, state, x)
             total = jnp.sum(jnp.sin(y))
-            return (total if axis_name is None else jax.lax.psum(total, axis_name)), new_state
+            if devices is not None:
+                total = jax.lax.psum(total, devices)
+            return total, new_state
         return jax.grad(loss, (0, 1), has_aux=True)(params, x)
 
     return forward_backward
@@ -168,6 +193,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, Plan]]:
     parser.add_argument("--shapes", nargs="+", type=harness.parse_shape,
                         default=list(harness.SHAPES), metavar="NxCx...",
                         help="shapes of x on one device, channel on axis 1")
+    parser.add_argument("--write", action="store_true",
+                        help="also record the table in benchmarks/GPU_PLAN.md (by default the "
+                        "run prints it and changes no file)")
     args = parser.parse_args(argv)
     from jax.experimental.topologies import get_topology_desc
 
@@ -179,25 +207,35 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, Plan]]:
                          f"installed jaxlib ({jax.__version__}): see its --help. "
                          f"({error})") from None
     mesh = jax.sharding.Mesh(topology.devices, ("d",))
-    rows = []
+    command = " ".join(["python -m benchmarks.gpu_plan", *(sys.argv[1:] if argv is None
+                                                            else argv)])
+    lines = ["# What a GPU runs", "", f"`{command}`", "",
+             f"- **target**: {topology.devices[0].device_kind} ({args.target.name})",
+             f"- **versions**: jax {jax.__version__}, jaxlib {jaxlib.__version__}", "",
+             "\n\n".join(__doc__.split("\n\n")[1:4]).replace("``", "`"), "",
+             "<!-- --8<-- [start:table] -->"]
     header = ["case", "mode", "statistics", "conditionals", "command buffers",
               "launches in / outside", "all-reduces (values)", "all-gathers (values)"]
-    print(f"Compiled for {topology.devices[0].device_kind} ({args.target.name}), "
-          f"jax {jax.__version__}\n")
-    print("\n".join(harness.table(header, [])))
+    lines += harness.table(header, [])
+    print("\n".join(lines), flush=True)
+    rows = []
     for case, mode, function, arguments in cases(mesh, args.shapes):
         for path_name, path in PATHS.items():
             found = compile_plan(function, arguments, path)
             rows.append((case, mode, path_name, found))
-            print(harness.table_line([
+            lines.append(harness.table_line([
                 case, MODES[mode], path_name, str(found.conditionals),
                 str(found.command_buffers),
                 f"{found.launches_inside} / {found.launches_outside}",
                 *(f"{len(sizes)} ({', '.join(map(str, sizes))})" if sizes else "0"
                   for sizes in (found.collectives.get(name, [])
-                                for name in ("all-reduces", "all-gathers")))]), flush=True)
+                                for name in ("all-reduces", "all-gathers")))]))
+            print(lines[-1], flush=True)
+    lines.append("<!-- --8<-- [end:table] -->")
+    if args.write:
+        GPU_PLAN.write_text("\n".join(lines) + "\n")
+        print(f"wrote {GPU_PLAN}", file=sys.stderr)
     return rows
-
 
 if __name__ == "__main__":
     main()

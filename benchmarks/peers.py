@@ -91,13 +91,14 @@ def _weight_bias(channels: int) -> tuple[jax.Array, jax.Array]:
     return jnp.ones(channels, jnp.float32), jnp.zeros(channels, jnp.float32)
 
 
-def jbn_jobs(x: jax.Array, ct: jax.Array, path: str | None = None) -> Jobs:
+def jbn_jobs(x: jax.Array, ct: jax.Array, path: str | None = None,
+             accumulation_steps: int | None = None) -> Jobs:
     """`jbn.batchnorm(params, state, x, True, momentum=0.1, eps=1e-5)`."""
-    _, state = jbn.init(x.shape[1])
+    _, state = jbn.init(x.shape[1], accumulation_steps=accumulation_steps)
 
     def train(x, wb, state):
         return jbn.batchnorm({"weight": wb[0], "bias": wb[1]}, state, x, True,
-                             momentum=MOMENTUM, eps=EPS)
+                             momentum=MOMENTUM, eps=EPS, accumulation_steps=accumulation_steps)
 
     return jax_jobs(train, _weight_bias(x.shape[1]), state, x, ct,
                     functools.partial(_stats.scheme, path=path))

@@ -17,6 +17,7 @@ Usage::
     python examples/data_parallel.py                 # jax.shard_map, 8 CPU devices
     python examples/data_parallel.py --pmap          # jax.pmap
     python examples/data_parallel.py --processes 2   # 2 jax.distributed processes × 4
+    python examples/data_parallel.py --group-size 2  # statistics per pair of devices
 
 On CPU, the devices are virtual (``--xla_force_host_platform_device_count``, set below
 before JAX is imported); with accelerators, every device takes part. ``--processes``
@@ -77,18 +78,20 @@ RTOL = 1e-5
 ATOL = 1e-5
 
 
-def make_shard_map_step(optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+def make_shard_map_step(optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                        **options):
     """The step of ``train.make_train_step``, data-parallel with ``jax.shard_map``.
 
     Parameters, state and optimizer state are replicated (``P()``), the batch split along
     ``"data"``. Inside, each device differentiates its share of the loss; because the
     parameters enter replicated, the transpose of that replication sums the gradients
-    across devices, so they come out as the gradient of the whole batch's loss.
+    across devices, so they come out as the gradient of the whole batch's loss. ``options``
+    go to ``jbn.batchnorm``.
     """
 
     def gradients(params, state, x, labels, mask):
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels, mask, axis_name=AXIS)
+            params, state, x, labels, mask, axis_name=AXIS, **options)
         return grads, state, jax.lax.psum(loss, AXIS)
 
     sharded_gradients = jax.shard_map(
@@ -104,7 +107,7 @@ def make_shard_map_step(optimizer: optax.GradientTransformation, mesh: jax.shard
     return step
 
 
-def make_pmap_step(optimizer: optax.GradientTransformation):
+def make_pmap_step(optimizer: optax.GradientTransformation, **options):
     """The same step with ``jax.pmap``, whose values carry a leading axis of devices.
 
     pmap does not know that the parameters are the same on every device: each device's
@@ -113,7 +116,7 @@ def make_pmap_step(optimizer: optax.GradientTransformation):
 
     def step(params, state, opt_state, x, labels, mask):
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels, mask, axis_name=AXIS)
+            params, state, x, labels, mask, axis_name=AXIS, **options)
         grads = jax.lax.psum(grads, AXIS)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), state, opt_state,
@@ -130,13 +133,13 @@ class DataParallel:
     holds all of them.
     """
 
-    def __init__(self, optimizer: optax.GradientTransformation, use_pmap: bool):
+    def __init__(self, optimizer: optax.GradientTransformation, use_pmap: bool, **options):
         self.use_pmap = use_pmap
         if use_pmap:
-            self._step = make_pmap_step(optimizer)
+            self._step = make_pmap_step(optimizer, **options)
         else:
             self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
-            self._step = make_shard_map_step(optimizer, self.mesh)
+            self._step = make_shard_map_step(optimizer, self.mesh, **options)
 
     def replicate(self, tree):
         """Host values → the same value on every device."""
@@ -177,12 +180,15 @@ def _global_arrays(tree, sharding: NamedSharding):
         tree)
 
 
-def train_and_compare(epochs: int, batch_size: int, use_pmap: bool) -> bool:
+def train_and_compare(epochs: int, batch_size: int, use_pmap: bool,
+                      group_size: int | None = None) -> bool:
     """Trains on one device and data-parallel, in lockstep; True if they agree.
 
     Compared every epoch: the training and test losses, and the parameters and batch-norm
     state (running statistics included). The test accuracy is printed, not compared: it is
-    a function of the compared parameters and state.
+    a function of the compared parameters and state. With ``group_size=k``, each group of k
+    devices has its own statistics; the one device then normalizes ghost batches of the
+    group's examples (``virtual_batch_size = k ×`` the examples per device).
     """
     if batch_size % jax.device_count():
         raise SystemExit(f"--batch-size {batch_size} must be a multiple of the "
@@ -190,16 +196,20 @@ def train_and_compare(epochs: int, batch_size: int, use_pmap: bool) -> bool:
     log = print if jax.process_index() == 0 else (lambda *args: None)
     data = load_data()
     optimizer = make_optimizer()
-    parallel = DataParallel(optimizer, use_pmap)
-    single_step = make_train_step(optimizer)
+    per_device = batch_size // jax.device_count()
+    parallel = DataParallel(optimizer, use_pmap, group_size=group_size)
+    single_step = make_train_step(
+        optimizer, virtual_batch_size=None if group_size is None else group_size * per_device)
     params, state = init_model(jax.random.key(SEED))
     single = (params, state, optimizer.init(params))
     multi = tuple(parallel.replicate(tree) for tree in single)
 
     log(f"{'jax.pmap' if use_pmap else 'jax.shard_map'} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), "
-        f"{batch_size // jax.device_count()} examples each; reference: 1 device on the "
-        f"global batch of {batch_size}")
+        f"{per_device} examples each"
+        + ("" if group_size is None else f", statistics per group of {group_size} devices")
+        + f"; reference: 1 device on the global batch of {batch_size}"
+        + ("" if group_size is None else f" in ghost batches of {group_size * per_device}"))
     log(f"{'':6}{'train loss':>22}{'test loss':>22}{'test accuracy':>20}"
         "     max |difference|")
     log(f"{'epoch':6}" + f"{'1 device':>11}{'parallel':>11}" * 2
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--pmap", action="store_true", help="use jax.pmap, not jax.shard_map")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="statistics per group of that many devices (default: all)")
     parser.add_argument("--processes", type=int, default=1,
                         help="without --coordinator: run that many local processes on the "
                         "CPU; with it: the number of processes in the job")
@@ -293,14 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.coordinator is None and args.processes > 1:
-        worker_argv = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+        worker_argv = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                       *(["--group-size", str(args.group_size)] if args.group_size else [])]
         return launch(args.processes, worker_argv + ["--pmap"] * args.pmap, args.timeout)
     if args.coordinator is not None:
         # gloo gives the CPU devices collectives across processes; accelerators have their
         # own (NCCL, ICI), and the setting leaves them alone.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.processes, args.process_id)
-    return 0 if train_and_compare(args.epochs, args.batch_size, args.pmap) else 1
+    return 0 if train_and_compare(args.epochs, args.batch_size, args.pmap,
+                                  args.group_size) else 1
 
 
 if __name__ == "__main__":

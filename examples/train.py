@@ -89,8 +89,7 @@ def _he_normal(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
     return jax.random.normal(key, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
 
 
-def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None,
-                momentum=0.1):
+def apply_model(params, state, x, training: bool, **options):
     """Logits of the MLP, and its new batch-norm state.
 
     Args:
@@ -98,35 +97,36 @@ def apply_model(params, state, x, training: bool, *, mask=None, axis_name=None,
       x: (N, 64) images.
       training: batch statistics (and running-state updates) if True, running
         statistics if False.
-      mask: (N,) bool, False for padding examples, which the statistics then ignore.
-      axis_name: the mapped axis over which the batch is split, if any: the statistics
-        are then those of the whole batch across devices.
-      momentum: of the running statistics; None for their cumulative average
-        (``recalibrate``).
+      **options: keywords of ``jbn.batchnorm`` for every layer: ``mask`` ((N,) bool, False
+        for padding examples, which the statistics then ignore); ``axis_name`` (the mapped
+        axis over which the batch is split: the statistics are then those of the whole
+        batch across devices); ``momentum`` (None for the cumulative average,
+        ``recalibrate``); ``accumulation_steps`` (``accumulation.py``); ``group_size``,
+        ``virtual_batch_size`` (``data_parallel.py --group-size``).
 
     Returns:
       ``(logits (N, 10), new_state)``.
     """
     new_state = []
     for layer, bn_state in zip(params["hidden"], state, strict=True):
-        x, bn_state = jbn.batchnorm(layer["bn"], bn_state, x @ layer["w"], training,
-                                    mask=mask, axis_name=axis_name, momentum=momentum)
+        x, bn_state = jbn.batchnorm(layer["bn"], bn_state, x @ layer["w"], training, **options)
         x = jax.nn.relu(x)
         new_state.append(bn_state)
     return x @ params["out"]["w"] + params["out"]["b"], new_state
 
 
-def loss_fn(params, state, x, labels, mask, *, axis_name=None, momentum=0.1):
+def loss_fn(params, state, x, labels, mask, *, axis_name=None, **options):
     """Mean cross-entropy over the valid examples of the (whole) batch, in training mode.
 
     With ``axis_name``, this device's share of it: the sum over its examples divided by the
     count over all devices, so that the shares add up to the loss of the whole batch.
+    ``options`` go to ``jbn.batchnorm``, as in ``apply_model``.
 
     Returns:
       ``(loss, new_state)``, for ``jax.value_and_grad(..., has_aux=True)``.
     """
     logits, new_state = apply_model(params, state, x, True, mask=mask, axis_name=axis_name,
-                                    momentum=momentum)
+                                    **options)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.sum(mask)
     if axis_name is not None:
@@ -139,8 +139,9 @@ def make_optimizer() -> optax.GradientTransformation:
     return optax.sgd(LEARNING_RATE, momentum=0.9)
 
 
-def make_train_step(optimizer: optax.GradientTransformation, momentum: float = 0.1):
-    """One jitted step on one device: gradients of ``loss_fn``, then the optimizer update.
+def make_train_step(optimizer: optax.GradientTransformation, **options):
+    """One jitted step on one device: gradients of ``loss_fn``, then the optimizer update;
+    ``options`` go to ``jbn.batchnorm`` (``momentum=0.1`` unless given).
 
     Returns:
       ``step(params, state, opt_state, x, labels, mask) -> (params, state, opt_state, loss)``.
@@ -149,7 +150,7 @@ def make_train_step(optimizer: optax.GradientTransformation, momentum: float = 0
     @jax.jit
     def step(params, state, opt_state, x, labels, mask):
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels, mask, momentum=momentum)
+            params, state, x, labels, mask, **options)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), state, opt_state, loss
 
@@ -232,7 +233,7 @@ def main(argv=None) -> float:
     params, state = init_model(jax.random.key(SEED))
     optimizer = make_optimizer()
     opt_state = optimizer.init(params)
-    step = make_train_step(optimizer, args.momentum)
+    step = make_train_step(optimizer, momentum=args.momentum)
     print(f"digits: {len(data.y_train)} train, {len(data.y_test)} test; "
           f"MLP {LAYER_SIZES}, batch {args.batch_size}, {jax.devices()[0].platform}")
     start = time.perf_counter()

@@ -20,7 +20,7 @@ def test_harness_times_every_installed_peer_in_both_modes_and_writes_nothing_by_
     installed = [name for name in PEERS if name not in report.skipped]
     assert installed[0] == "jbn"
     for mode in harness.MODES:
-        for peer in [*installed, harness.EXACT, harness.other_path()]:
+        for peer in [*installed, harness.EXACT, harness.other_path(), harness.ACCUMULATING]:
             row = report.row((8, 4), mode, peer)
             assert row is not None, (mode, peer)
             assert len(row.seconds) >= 3
@@ -30,11 +30,12 @@ def test_harness_times_every_installed_peer_in_both_modes_and_writes_nothing_by_
     floor = report.floors[(8, 4)]
     assert all(math.isfinite(s) and s > 0 for s in floor.seconds)
     table = capsys.readouterr().out
-    for peer in [*installed, harness.EXACT, harness.other_path()]:
+    for peer in [*installed, harness.EXACT, harness.other_path(), harness.ACCUMULATING]:
         assert f"| 8×4 | {peer} |" in table
     targets = [target for target, _, _ in harness.targets(report, [(8, 4)])]
     assert any("channel 0 at 10σ" in target for target in targets), targets
     assert any(harness.other_path()[5:] in target for target in targets), targets
+    assert any("accumulating" in target for target in targets), targets
     assert (results.stat().st_mtime_ns if results.exists() else None) == before
 
 

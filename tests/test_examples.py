@@ -1,7 +1,8 @@
 """The examples run as a user runs them, each in its own process, and do their job:
 ``train.py`` reaches its accuracy, ``data_parallel.py`` trains as one device does
-(shard_map, pmap, and across 2 jax.distributed processes), and ``resnet_from_torch.py``
-trains in lockstep with PyTorch; with few epochs or steps for speed."""
+(shard_map, pmap, across 2 jax.distributed processes, with groups of devices),
+``resnet_from_torch.py`` trains in lockstep with PyTorch, and ``accumulation.py`` gives the
+running statistics of the whole batch; with few epochs or steps for speed."""
 
 import re
 
@@ -23,16 +24,18 @@ def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration()
 
 @pytest.mark.parametrize("args", [
     ("--epochs", "1"),
-    ("--epochs", "1", "--pmap"),
-    ("--epochs", "1", "--processes", "2"),
+    ("--epochs", "1", "--pmap", "--group-size", "2"),
+    ("--epochs", "1", "--processes", "2", "--group-size", "4"),
     ("--epochs", "1", "--processes", "2", "--pmap"),
-], ids=["shard_map", "pmap", "shard_map-2-processes", "pmap-2-processes"])
+], ids=["shard_map", "pmap-groups-of-2", "shard_map-2-processes-groups-of-4", "pmap-2-processes"])
 def test_data_parallel_training_matches_one_device(args):
     output = run_example("data_parallel.py", *args)
     epochs = int(args[1])
     devices = re.search(r"over (\d+) cpu devices in (\d+) process", output)
     assert devices is not None, output
     assert devices.groups() == ("8", "2" if "--processes" in args else "1"), output
+    if "--group-size" in args:
+        assert f"per group of {args[args.index('--group-size') + 1]} devices" in output, output
     # epoch, then train loss, test loss and accuracy (1 device, parallel), differences.
     rows = re.findall(r"^(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)% +([\d.]+)%"
                       r" +([\d.e+-]+) +([\d.e+-]+)$", output, re.MULTILINE)
@@ -59,3 +62,14 @@ def test_resnet_example_trains_in_lockstep_with_pytorch_and_loads_back_strictly(
     logits = re.findall(r"max \|PyTorch − JAX\| = ([\d.e+-]+)", output)
     assert len(logits) == 2 and max(map(float, logits)) <= 1e-9, output
     assert "strict=True: 74 entries, missing [], unexpected []" in output, output
+
+
+def test_accumulation_gives_the_first_layer_the_statistics_of_the_whole_batch():
+    output = run_example("accumulation.py", "--epochs", "1")
+    found = dict(re.findall(r"first layer after one optimizer step, (.*?): max \|running − one "
+                            r"call on the whole batch\| = ([\d.e+-]+)", output))
+    assert float(found["accumulation_steps"]) <= 1e-6, output
+    assert float(found["per call"]) >= 1e-2, output
+    assert "num_batches_tracked 1" in output and "num_batches_tracked 4" in output, output
+    accuracies = re.findall(r"test accuracy in eval mode, .*: ([\d.]+)%", output)
+    assert len(accuracies) == 2 and all(float(a) >= 80 for a in accuracies), output
