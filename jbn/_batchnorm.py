@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Hashable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
@@ -215,10 +216,18 @@ def batchnorm(
                  group_size=group_size, renorm=renorm, virtual_batch_size=virtual_batch_size,
                  accumulation_steps=accumulation_steps,
                  accumulation_pooling=accumulation_pooling, statistics=statistics)
+    y, new_state = _apply(call, state if call.updates_state else {})
+    return y, new_state if call.updates_state else state
+
+
+# Jitted, so that an eager call runs one executable (compiled once per shape and static
+# option), not one operation at a time; inside a traced function it is inlined.
+@jax.jit
+def _apply(call: Call, state: State) -> tuple[Array, State]:
+    """The formula: statistics, normalization, running state, as ``call`` describes."""
     if call.fixed is not None:  # running statistics in eval, or given ones
-        y = normalize_with(call.reduction, call.eps, call.x, *call.fixed, call.weight,
-                           call.bias)
-        return y, state
+        return normalize_with(call.reduction, call.eps, call.x, *call.fixed, call.weight,
+                              call.bias), state
     y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight, call.bias,
                          call.renorm)
     if call.updates_state:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -28,9 +29,14 @@ STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 POOLINGS = ("union", "micro-batches")
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["x", "weight", "bias", "fixed", "valid", "renorm"],
+                   meta_fields=["reduction", "updates_state", "eps", "momentum",
+                                "accumulation_steps", "within"])
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One call of ``batchnorm``, parsed."""
+    """One call of ``batchnorm``, parsed: a pytree of its arrays, its static options the
+    rest (so that a jitted function takes it whole)."""
 
     x: Array
     reduction: Reduction  # which values share the statistics
