@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Hashable, Sequence
+from typing import Literal
 
 import jax.numpy as jnp
 from jax import Array, lax
@@ -22,6 +23,7 @@ def init(
     num_features: int,
     *,
     affine: bool = True,
+    bias: bool = True,
     track_running_stats: bool = True,
     dtype: DTypeLike = jnp.float32,
 ) -> tuple[Params, State]:
@@ -30,16 +32,19 @@ def init(
     Args:
       num_features: C, the number of channels.
       affine: whether there is a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+      bias: with ``affine``, whether there is a ``bias``; without it, ``weight`` alone.
       track_running_stats: whether there are running statistics for eval mode.
       dtype: floating dtype of the parameters and running statistics.
 
     Returns:
-      ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, or ``{}`` without affine.
+      ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, ``{"weight"}`` without bias,
+      or ``{}`` without affine.
       ``state``: ``{"running_mean": zeros(C), "running_var": ones(C),
       "num_batches_tracked": int32 0}``, or ``{}`` without running statistics.
       The names are PyTorch's state_dict names.
 
-    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...)``.
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...,
+    bias=...)``.
     """
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(f"num_features must be an int, got {num_features!r}")
@@ -49,7 +54,9 @@ def init(
         raise TypeError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
     params = {}
     if affine:
-        params = {"weight": jnp.ones(num_features, dtype), "bias": jnp.zeros(num_features, dtype)}
+        params = {"weight": jnp.ones(num_features, dtype)}
+        if bias:
+            params["bias"] = jnp.zeros(num_features, dtype)
     state = {}
     if track_running_stats:
         state = {
@@ -66,6 +73,7 @@ def batchnorm(
     x: Array,
     training: bool,
     *,
+    mode: Literal["tracked", "untracked", "frozen"] = "tracked",
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
@@ -80,16 +88,24 @@ def batchnorm(
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
 
     The statistics run over every axis of ``x`` except ``axis`` (and over every device along
-    ``axis_name``); the biased variance normalizes.
+    ``axis_name``); the biased variance normalizes. ``training`` is the phase of the model;
+    ``mode`` the kind of layer, as PyTorch chooses between ``BatchNorm2d`` and
+    ``FrozenBatchNorm2d``:
 
-    * Training, or no running statistics (``state == {}``): batch statistics normalize.
-      In training with state, ``running ← (1 − momentum)·running + momentum·batch`` with the
-      *unbiased* batch variance ``n/(n − 1)·Var[x]`` for ``running_var``, and
-      ``num_batches_tracked += 1``; ``momentum=None`` makes it the cumulative average
-      (factor ``1/num_batches_tracked``).
-    * Eval with state: the running statistics normalize, in one elementwise pass that
+    * ``"tracked"`` (PyTorch's ``BatchNorm``). Training, or no running statistics
+      (``state == {}``): batch statistics normalize. In training with state,
+      ``running ← (1 − momentum)·running + momentum·batch`` with the *unbiased* batch
+      variance ``n/(n − 1)·Var[x]`` for ``running_var``, and ``num_batches_tracked += 1``;
+      ``momentum=None`` makes it the cumulative average (factor ``1/num_batches_tracked``).
+      Eval with state: the running statistics normalize, in one elementwise pass that
       centers first, ``(x − running_mean)·w/√(running_var + eps) + b``, so that a channel
       whose mean is large against its spread loses nothing to cancellation.
+    * ``"untracked"``: batch statistics normalize in training and eval, and the state is
+      left as it is (PyTorch's ``track_running_stats=False``, Haiku's ``test_local_stats``):
+      test-time adaptation, MAML's inner loop.
+    * ``"frozen"``: the running statistics normalize in training and eval, and ``weight``
+      and ``bias`` are constants to the derivative (torchvision's ``FrozenBatchNorm2d``);
+      ``x`` still receives its gradient. Fine-tuning detection and segmentation models.
 
     The state comes back unchanged whenever it is not updated.
 
@@ -109,20 +125,25 @@ def batchnorm(
       variances), and counts one batch.
 
     Args:
-      params: ``{"weight", "bias"}`` of shape (C,), or ``{}`` (no affine transform).
+      params: ``{"weight", "bias"}`` of shape (C,), ``{"weight"}`` alone (PyTorch's
+        ``bias=False``), or ``{}`` (no affine transform).
       state: ``{"running_mean", "running_var"}`` of shape (C,) and an integer scalar
-        ``"num_batches_tracked"``, or ``{}`` (no running statistics).
+        ``"num_batches_tracked"``; those two alone (a frozen layer's, as
+        ``FrozenBatchNorm2d`` keeps them: used to normalize, never trained); or ``{}`` (no
+        running statistics).
       x: floating array, rank ≥ 2 (rank ≥ 1 with ``axis_name``), channel at ``axis``.
       training: Python bool (static under ``jax.jit``).
+      mode: ``"tracked"``, ``"untracked"`` or ``"frozen"``, as above.
       momentum: weight of the batch statistic in the running update, in [0, 1], or None.
-      eps: added to the variance; > 0 where batch statistics normalize, ≥ 0 in eval with
-        running statistics (as PyTorch).
+      eps: added to the variance; > 0 where batch statistics normalize, ≥ 0 where running
+        statistics do (as PyTorch; FrozenBatchNorm2d's are often 0).
       axis: the channel axis: 1 for (N, C, ...), -1 for channels-last.
       mask: boolean, shaped like ``x`` without its channel axis, or a leading prefix of that
         shape (``(N,)`` or ``(N, L)`` for ``(N, C, L)``). False positions enter neither the
         statistics nor the Bessel count; their outputs are normalized all the same.
       axis_name: name(s) of mapped axes (``jax.pmap``, ``jax.shard_map``, ``jax.vmap``)
-        whose devices or examples share the statistics (synchronized batch norm).
+        whose devices or examples share the statistics (synchronized batch norm). Where
+        running statistics normalize it is not used, and need not be bound.
       axis_index_groups: as in ``lax.psum`` (pmap): each group has its own statistics.
       renorm: None, or ``(rmax, dmax)``, scalars (Python numbers or arrays, which may be
         traced: a schedule under ``jax.jit`` does not recompile) with ``rmax ≥ 1`` and
@@ -139,11 +160,12 @@ def batchnorm(
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong type, shape, dtype or
         range, and when training with exactly one value per channel (per ghost group), for
-        ``renorm`` without running statistics, and for a ``virtual_batch_size`` that does not
-        divide the batch.
+        ``renorm`` without running statistics, for a ``virtual_batch_size`` that does not
+        divide the batch, for ``mode="frozen"`` without running statistics, and for
+        training a state without ``num_batches_tracked``.
 
     Warns:
-      UserWarning: for ``momentum ≥ 0.9`` in training with running statistics, which is
+      UserWarning: for ``momentum ≥ 0.9`` where training updates the running statistics, which is
         most often Flax's convention by mistake (once per trace; ``warnings`` filters apply).
 
     An empty batch (no value per channel) gives an empty ``y`` and, as in PyTorch, counts in
@@ -157,8 +179,8 @@ def batchnorm(
     (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).
     PyTorch has neither variant; Keras 2 had both (``renorm``, ``virtual_batch_size``).
     """
-    call = parse(params, state, x, training, momentum=momentum, eps=eps, axis=axis, mask=mask,
-                 axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=renorm,
+    call = parse(params, state, x, training, mode=mode, momentum=momentum, eps=eps, axis=axis,
+                 mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, renorm=renorm,
                  virtual_batch_size=virtual_batch_size)
     if not call.batch_statistics:
         y = normalize_with(call.reduction, call.eps, call.x, state["running_mean"],

@@ -23,6 +23,12 @@ from jbn._reduction import Reduction
 
 PARAM_KEYS = ("weight", "bias")
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+# What a layer may hold besides all of its keys or none: PyTorch's bias=False has a weight
+# alone, a frozen layer (torchvision's FrozenBatchNorm2d) running statistics without a count.
+PARTIAL_KEYS = {"params": (("weight",), "alone (PyTorch's bias=False)"),
+                "state": (("running_mean", "running_var"),
+                          "alone (a frozen layer's, as FrozenBatchNorm2d keeps them)")}
+MODES = ("tracked", "untracked", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +37,10 @@ class Call:
 
     x: Array
     reduction: Reduction  # which values share the statistics
-    weight: Array | None  # (C,), or None without affine
-    bias: Array | None
+    weight: Array | None  # (C,), or None without affine; constants in a frozen layer
+    bias: Array | None  # zeros for a weight alone
     batch_statistics: bool  # whether the batch's own statistics normalize
-    updates_state: bool  # training with running statistics
+    updates_state: bool  # whether the running state learns from them
     eps: float
     momentum: float | None
     valid: Array | None  # the mask, shaped to broadcast against x
@@ -47,6 +53,7 @@ def parse(
     x: Any,
     training: Any,
     *,
+    mode: Any,
     momentum: Any,
     eps: Any,
     axis: Any,
@@ -63,8 +70,8 @@ def parse(
     channel_axis = _channel_axis(axis, x.shape, axis_name)
     _check_channels_of_x(x.shape, channel_axis, axis, params, state)
     check_layer(params, state, channels=x.shape[channel_axis])
-    batch_statistics = training or not state
-    _check_momentum(momentum, warn=training and bool(state))
+    batch_statistics, updates_state = _mode(mode, training, state)
+    _check_momentum(momentum, warn=updates_state)
     check_eps(eps, positive=batch_statistics)
     if axis_index_groups is not None and axis_name is None:
         raise ValueError(f"axis_index_groups {axis_index_groups!r} needs axis_name: the groups "
@@ -73,12 +80,13 @@ def parse(
     reduction = Reduction(x.ndim, channel_axis, axis_name, None if axis_index_groups is None
                           else tuple(tuple(int(i) for i in g) for g in axis_index_groups), ghost)
     limits = _renorm_limits(renorm, state)
-    devices = _devices(reduction)
-    if batch_statistics:
-        _check_values_per_channel(x.shape, reduction, devices, masked=mask is not None)
+    if batch_statistics:  # normalizing with given statistics needs no other device
+        _check_values_per_channel(x.shape, reduction, _devices(reduction),
+                                  masked=mask is not None)
+    weight, bias = _affine(params, frozen=mode == "frozen")
     return Call(
-        x=x, reduction=reduction, weight=params.get("weight"), bias=params.get("bias"),
-        batch_statistics=batch_statistics, updates_state=training and bool(state),
+        x=x, reduction=reduction, weight=weight, bias=bias,
+        batch_statistics=batch_statistics, updates_state=updates_state,
         eps=float(eps), momentum=momentum, valid=_valid(mask, x.shape, channel_axis),
         renorm=None if limits is None or not batch_statistics else Renorm(
             state["running_mean"], state["running_var"], *limits))
@@ -87,9 +95,11 @@ def parse(
 def check_layer(params: Any, state: Any, *, channels: int | None = None,
                 names: Mapping[str, str] | None = None) -> int | None:
     """Checks one layer's ``params`` and ``state`` as ``batchnorm`` takes them: each a dict,
-    ``{}`` or with exactly its keys; ``weight``, ``bias``, ``running_mean``, ``running_var``
-    floating arrays of shape (C,); ``num_batches_tracked`` an int32 or int64 scalar (a
-    narrower integer would wrap around, and ``momentum=None`` divides by it).
+    ``{}`` or with exactly its keys, or ``{"weight"}`` alone (PyTorch's ``bias=False``) and
+    ``{"running_mean", "running_var"}`` alone (a frozen layer's, without a batch count);
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` floating arrays of shape (C,);
+    ``num_batches_tracked`` an int32 or int64 scalar (a narrower integer would wrap around,
+    and ``momentum=None`` divides by it).
 
     Args:
       params, state: the layer's dicts.
@@ -111,10 +121,13 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
             raise TypeError(f"{kind} must be a dict, got {type(entries).__name__}")
         if not entries:
             continue
-        if set(entries) != set(keys):
-            raise ValueError(f"{kind} must have keys {list(keys)} (or be empty); missing "
-                             f"{sorted(set(keys) - set(entries))}, unexpected "
-                             f"{sorted(set(entries) - set(keys))}")
+        partial, why = PARTIAL_KEYS[kind]
+        if set(entries) == set(partial):
+            keys = partial
+        elif set(entries) != set(keys):
+            raise ValueError(f"{kind} must have keys {list(keys)}, or {list(partial)} {why} "
+                             f"(or be empty); missing {sorted(set(keys) - set(entries))}, "
+                             f"unexpected {sorted(set(entries) - set(keys))}")
         for key in keys:
             name = (names or {}).get(key, f"{kind}[{key!r}]")
             value = entries[key]
@@ -148,6 +161,49 @@ def _check_training(training) -> None:
     else:
         hint = ""
     raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
+
+
+def _mode(mode, training: bool, state) -> tuple[bool, bool]:
+    """Whether the batch's own statistics normalize, and whether the running state learns
+    from them, in ``mode``."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {list(MODES)}; got {mode!r}")
+    if mode not in MODES:
+        hint = ""
+        if mode in ("ema", "batch"):
+            hint = (": eqx.nn.BatchNorm's mode chooses how it averages, where jbn averages as "
+                    "PyTorch does; leave mode out")
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}{hint}")
+    if mode == "frozen":
+        if not state:
+            raise ValueError("mode='frozen' normalizes with the running statistics, and state "
+                             "is {} (track_running_stats=False): pass a state with running "
+                             "statistics")
+        return False, False
+    if mode == "untracked":
+        return True, False
+    if training and state:
+        _check_learnable(state)
+    return training or not state, training and bool(state)
+
+
+def _check_learnable(state) -> None:
+    """A state that training updates has its batch count."""
+    if "num_batches_tracked" not in state:
+        raise ValueError(
+            "state has no 'num_batches_tracked': it is a frozen layer's (FrozenBatchNorm2d keeps "
+            "none), which training does not update. Normalize with it (training=False, or "
+            "mode='frozen'), or give it a count to train it: {**state, "
+            "'num_batches_tracked': jnp.zeros((), jnp.int32)}")
+
+
+def _affine(params, *, frozen: bool) -> tuple[Array | None, Array | None]:
+    """``weight`` and ``bias``, or None without affine; a zero bias for a weight alone
+    (PyTorch's ``bias=False``); constants to the derivative in a frozen layer."""
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is not None and bias is None:
+        bias = jnp.zeros_like(weight)
+    return lax.stop_gradient((weight, bias)) if frozen else (weight, bias)
 
 
 def _array_x(x, axis_name) -> Array:

@@ -62,7 +62,9 @@ def reset_running_stats(states: Any) -> Any:
 
     Args:
       states: one layer's state or any pytree of them, such as ``from_torch_model``'s
-        path → state dict or a nested dict mirroring the model; ``{}`` stays ``{}``.
+        path → state dict or a nested dict mirroring the model; ``{}`` stays ``{}``, and so
+        does a frozen layer's state (without ``num_batches_tracked``), which training does
+        not update and recalibration could not restore.
 
     Returns:
       The same structure with fresh running statistics.
@@ -73,11 +75,16 @@ def reset_running_stats(states: Any) -> Any:
     fresh = {"running_mean": jnp.zeros_like, "running_var": jnp.ones_like,
              "num_batches_tracked": jnp.zeros_like}
 
-    def reset(path, leaf):
-        key = getattr(path[-1], "key", None) if path else None
-        return fresh[key](leaf) if key in fresh else leaf
+    def is_layer(node):
+        return isinstance(node, Mapping) and "num_batches_tracked" in node
 
-    return jax.tree_util.tree_map_with_path(reset, states)
+    def reset(node):
+        if not is_layer(node):
+            return node
+        return {key: fresh[key](value) if key in fresh else value
+                for key, value in node.items()}
+
+    return jax.tree.map(reset, states, is_leaf=is_layer)
 
 
 def _counts(states: Any) -> list[tuple[str, np.ndarray]]:
