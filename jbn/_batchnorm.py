@@ -13,6 +13,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jbn._call import parse
 from jbn._normalize import normalize, normalize_with
+from jbn._reduction import compute_dtype
 from jbn._stats import Statistics
 
 Params = dict[str, Array]
@@ -34,7 +35,9 @@ def init(
       affine: whether there is a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
       bias: with ``affine``, whether there is a ``bias``; without it, ``weight`` alone.
       track_running_stats: whether there are running statistics for eval mode.
-      dtype: floating dtype of the parameters and running statistics.
+      dtype: floating dtype of the parameters. The running statistics are kept in the finer
+        of it and float32: a bfloat16 or float16 running average loses its small updates to
+        rounding (``batchnorm`` refuses to train one), and Flax keeps them in float32 too.
 
     Returns:
       ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, ``{"weight"}`` without bias,
@@ -59,9 +62,10 @@ def init(
             params["bias"] = jnp.zeros(num_features, dtype)
     state = {}
     if track_running_stats:
+        statistics_dtype = compute_dtype(dtype)
         state = {
-            "running_mean": jnp.zeros(num_features, dtype),
-            "running_var": jnp.ones(num_features, dtype),
+            "running_mean": jnp.zeros(num_features, statistics_dtype),
+            "running_var": jnp.ones(num_features, statistics_dtype),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
     return params, state
@@ -162,7 +166,8 @@ def batchnorm(
         range, and when training with exactly one value per channel (per ghost group), for
         ``renorm`` without running statistics, for a ``virtual_batch_size`` that does not
         divide the batch, for ``mode="frozen"`` without running statistics, and for
-        training a state without ``num_batches_tracked``.
+        training a state without ``num_batches_tracked`` or with running statistics narrower
+        than float32 (bfloat16, float16), whose small updates would round away.
 
     Warns:
       UserWarning: for ``momentum ≥ 0.9`` where training updates the running statistics, which is

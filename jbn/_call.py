@@ -188,13 +188,24 @@ def _mode(mode, training: bool, state) -> tuple[bool, bool]:
 
 
 def _check_learnable(state) -> None:
-    """A state that training updates has its batch count."""
+    """A state that training updates has its batch count, and running statistics of at least
+    float32: at momentum 0.01 a bfloat16 running mean's updates fall below half a unit of its
+    last place and round away (python -m benchmarks.running_stats)."""
     if "num_batches_tracked" not in state:
         raise ValueError(
             "state has no 'num_batches_tracked': it is a frozen layer's (FrozenBatchNorm2d keeps "
             "none), which training does not update. Normalize with it (training=False, or "
             "mode='frozen'), or give it a count to train it: {**state, "
             "'num_batches_tracked': jnp.zeros((), jnp.int32)}")
+    for key in ("running_mean", "running_var"):
+        dtype = jnp.dtype(state[key].dtype)
+        if jnp.finfo(dtype).bits < 32:
+            raise ValueError(
+                f"state[{key!r}] is {dtype}, and training updates it: its small updates would "
+                "round away (at momentum 0.01, a bfloat16 running mean stops far short of the "
+                "data's mean). Keep the running statistics in float32, as jbn.init does for "
+                "params of any dtype: cast running_mean and running_var with "
+                ".astype(jnp.float32)")
 
 
 def _affine(params, *, frozen: bool) -> tuple[Array | None, Array | None]:

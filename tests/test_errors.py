@@ -80,6 +80,11 @@ BAD_CALLS = {
                   "(FrozenBatchNorm2d keeps none), which training does not update. Normalize "
                   "with it (training=False, or mode='frozen'), or give it a count to train it: "
                   "{**state, 'num_batches_tracked': jnp.zeros((), jnp.int32)}")),
+    "training a bfloat16 state": (
+        dict(state={**STATE, "running_var": STATE["running_var"].astype(jnp.bfloat16)}),
+        ValueError,
+        r"state\['running_var'\] is bfloat16, and training updates it: its small updates "
+        r"would round away.*\.astype\(jnp\.float32\)"),
     "mode unknown": (dict(mode="eval"), ValueError,
                      exactly("mode must be one of ['tracked', 'untracked', 'frozen'], got "
                              "'eval'")),

@@ -1,9 +1,9 @@
-"""The modes of a layer (tracked, untracked, frozen), a weight without bias and a state without
-a count: outputs, gradients and state.
+"""The modes of a layer (tracked, untracked, frozen), a weight without bias, a state without a
+count, and the precision of the running statistics: outputs, gradients and state.
 
 References are real ``torch.nn`` modules in float64 (``BatchNorm2d`` in training and eval,
 with ``track_running_stats=False`` and ``bias=False``; torchvision's ``FrozenBatchNorm2d``,
-written in ``helpers``).
+written in ``helpers``) and a NumPy float64 moving average.
 """
 
 import functools
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import jbn
-from helpers import FrozenBatchNorm2d, assert_same_arrays
+from helpers import FrozenBatchNorm2d, assert_close_ulps, assert_same_arrays
 
 C = 3
 SHAPE = (6, C, 4, 3)
@@ -155,3 +155,48 @@ def test_eval_needs_no_bound_axis_name():
     example = jnp.linspace(-1, 1, C * 5).reshape(C, 5)  # one example, outside jax.vmap
     y, _ = jbn.batchnorm(params, state, example, False, axis=0, axis_name="batch")
     np.testing.assert_array_equal(y, jbn.batchnorm(params, state, example, False, axis=0)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# The precision of the running statistics
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
+def test_running_statistics_are_at_least_float32_whatever_the_params_dtype(dtype):
+    params, state = jbn.init(C, dtype=dtype)
+    assert all(value.dtype == dtype for value in params.values())
+    finer = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    assert state["running_mean"].dtype == state["running_var"].dtype == finer
+
+
+def test_bfloat16_training_keeps_the_float64_moving_average_in_its_float32_state():
+    steps, momentum = 300, 0.01
+    params, state = jbn.init(C, dtype=jnp.bfloat16)
+    batches = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (steps, 32, C)),
+                          jnp.bfloat16)
+
+    def step(state, x):
+        return jbn.batchnorm(params, state, x, True, momentum=momentum)[1], None
+
+    state, _ = jax.jit(lambda state: jax.lax.scan(step, state, batches))(state)
+    expected_mean, expected_var = np.zeros(C), np.ones(C)
+    for x in np.asarray(batches, np.float64):
+        expected_mean = (1 - momentum) * expected_mean + momentum * x.mean(0)
+        expected_var = (1 - momentum) * expected_var + momentum * x.var(0, ddof=1)
+    assert state["running_mean"].dtype == jnp.float32
+    assert_close_ulps(state["running_mean"], expected_mean.astype(np.float32), ulps=64)
+    assert_close_ulps(state["running_var"], expected_var.astype(np.float32), ulps=64)
+
+
+@pytest.mark.parametrize("training, mode", [(False, "tracked"), (True, "untracked"),
+                                            (True, "frozen")])
+def test_a_bfloat16_state_normalizes_where_it_is_not_updated_as_in_float32(training, mode):
+    module = trained_module(torch.nn.BatchNorm2d(C))
+    params, state = jbn_layer(module.to(torch.bfloat16))
+    assert state["running_mean"].dtype == jnp.bfloat16
+    x = jnp.asarray(data()[0], jnp.float32)
+    wide = {key: value.astype(jnp.float32) if key != "num_batches_tracked" else value
+            for key, value in state.items()}
+    y, new_state = jbn.batchnorm(params, state, x, training, mode=mode)
+    np.testing.assert_array_equal(y, jbn.batchnorm(params, wide, x, training, mode=mode)[0])
+    assert new_state is state
