@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -15,6 +14,14 @@ from jax.typing import DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
 from jbn._layers import check_loadable, dotted, layer_keywords
+
+try:
+    import equinox as eqx
+except ModuleNotFoundError as error:
+    if error.name != "equinox":
+        raise
+    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Equinox, which is not "
+                              "installed: pip install 'jbn[equinox]'", name=error.name) from error
 
 __all__ = ["BatchNorm", "get_layers", "set_layers"]
 

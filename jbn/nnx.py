@@ -8,12 +8,19 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-from flax import nnx
 from jax import Array
 from jax.typing import DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
 from jbn._layers import check_loadable, dotted, layer_keywords
+
+try:
+    from flax import nnx
+except ModuleNotFoundError as error:
+    if error.name != "flax":
+        raise
+    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Flax NNX, which is not "
+                              "installed: pip install 'jbn[flax]'", name=error.name) from error
 
 __all__ = ["BatchNorm", "get_layers", "set_layers"]
 
