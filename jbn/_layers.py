@@ -1,9 +1,8 @@
 """What models of many batch norms share: layer paths, the check that every state was
-threaded, and the keywords a framework layer passes on to ``batchnorm``."""
+threaded, and what the framework layers share."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,14 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbn._batchnorm import batchnorm
 from jbn._call import check_layer
 
-# The keywords of batchnorm that a layer fixes when it is built; mask changes with each
-# batch, so the layer takes it per call. Read from the signature, so that a new keyword of
-# batchnorm passes through the layers with no change to them.
-LAYER_KEYWORDS = tuple(name for name, parameter in inspect.signature(batchnorm).parameters.items()
-                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "mask")
+
+class _LayerValue:
+    """The default of a framework layer's per-call keyword: the value it was built with."""
+
+    def __repr__(self) -> str:
+        return "<the layer's>"
+
+
+# Typed Any so that it may stand as the default of a keyword of any type.
+LAYER: Any = _LayerValue()
 
 
 def stale_layers(before: Any, after: Any) -> list[str]:
@@ -100,20 +103,10 @@ def dotted(keys) -> str:
     return ".".join(str(name) for name in names)
 
 
-def layer_keywords(layer: str, keywords: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The ``batchnorm`` keywords given to a layer, checked by name, as hashable pairs (a
-    layer's static configuration must be hashable under ``jax.jit``); their values are
-    checked by ``batchnorm`` itself."""
-    unknown = sorted(set(keywords) - set(LAYER_KEYWORDS))
-    if unknown:
-        raise TypeError(f"{layer} got unexpected keyword arguments {unknown}; it takes the "
-                        f"keywords of jbn.batchnorm {list(LAYER_KEYWORDS)}, and mask per call")
-    return tuple((name, _hashable(keywords[name])) for name in LAYER_KEYWORDS
-                 if name in keywords)
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+def hashable(value: Any) -> Any:
+    """``value`` with its lists as tuples: a layer's static configuration must be hashable
+    under ``jax.jit`` (``axis_index_groups=[[0, 1], [2, 3]]``)."""
+    return tuple(hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping[str, Any],
@@ -141,3 +134,4 @@ def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping
             if layout(new) != layout(old):
                 raise ValueError(f"layer {path!r}: {name} has {layout(new)}, the layer was "
                                  f"built with {layout(old)}")
+

@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Hashable, Sequence
+from typing import Literal
 
 import jax.numpy as jnp
 from jax import Array
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
-from jbn._layers import check_loadable, dotted, layer_keywords
+from jbn._call import PARAM_KEYS, STATE_KEYS
+from jbn._layers import LAYER, check_loadable, dotted, hashable
 
 try:
     from flax import nnx
@@ -26,7 +28,8 @@ __all__ = ["BatchNorm", "get_layers", "set_layers"]
 
 
 class BatchNorm(nnx.Module):
-    """``jbn.batchnorm`` as an NNX module: PyTorch's batch norm, state kept by NNX.
+    """``jbn.batchnorm`` as an NNX module: PyTorch's batch norm with ``nnx.BatchNorm``'s
+    arguments and conventions, state kept by NNX.
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
 
@@ -34,90 +37,151 @@ class BatchNorm(nnx.Module):
     normalize and ``running ← (1 − momentum)·running + momentum·batch`` with the unbiased
     batch variance, ``num_batches_tracked += 1``; in eval (``use_running_average=True``,
     ``model.eval()``, ``nnx.view(model, use_running_average=True)``) the running
-    statistics normalize, or the batch's own without running statistics. Everything is
-    ``jbn.batchnorm``'s, which this calls.
+    statistics normalize, or the batch's own without running statistics. ``mode`` changes
+    that as ``jbn.batchnorm``'s does: ``"untracked"`` normalizes with the batch in both and
+    leaves the state, ``"frozen"`` with the running statistics in both, its weight and bias
+    then ``nnx.BatchStat`` constants that an optimizer over ``nnx.Param`` leaves alone.
+    Everything is ``jbn.batchnorm``'s, which this calls.
 
     Attributes ``weight``, ``bias`` (``nnx.Param``) and ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (``nnx.BatchStat``) have PyTorch's names; those the layer was
-    built without are None.
+    built without are None. The arguments are attributes too: change ``momentum`` or
+    ``renorm`` between steps, or pass them per call.
 
     Args:
       num_features: C, the number of channels.
-      affine: whether there are a learnable ``weight`` and ``bias``.
-      track_running_stats: whether there are running statistics for eval mode.
-      dtype: floating dtype of the parameters and running statistics.
-      use_running_average: the mode, switched by ``train()``/``eval()``/``nnx.view``.
-      **keywords: ``jbn.batchnorm``'s keywords, passed on to each call: ``momentum``
-        (0.1, PyTorch's convention), ``eps`` (1e-5), ``axis`` (1: channels first, unlike
-        ``nnx.BatchNorm``'s -1), ``axis_name``, ``axis_index_groups``, ``renorm``,
-        ``virtual_batch_size``.
+      use_running_average: the phase, switched by ``train()``/``eval()``/``nnx.view``.
+      axis: the channel axis, -1 as ``nnx.BatchNorm`` (NHWC after ``nnx.Conv``).
+      momentum: the weight of the *new batch* (PyTorch's convention, default 0.1), or None
+        for the cumulative average: ``nnx.BatchNorm``'s 0.99 is 0.01 here.
+      epsilon: added to the variance.
+      dtype: the dtype ``x`` is cast to and ``y`` has; None keeps ``x``'s (Flax promotes
+        ``x`` with the float32 statistics instead, so that a bfloat16 ``x`` gives a float32
+        ``y`` there).
+      param_dtype: the dtype of ``weight`` and ``bias``. The running statistics are float32,
+        or float64 for float64 params.
+      use_bias, use_scale: whether there is a ``bias``, a ``weight``; a bias without a
+        weight is not supported.
+      axis_name, axis_index_groups: the mapped axes whose devices or examples share the
+        statistics, as ``jbn.batchnorm``'s.
+      track_running_stats: whether there are running statistics (PyTorch's argument).
+      mode: ``"tracked"``, ``"untracked"`` or ``"frozen"``, as ``jbn.batchnorm``'s.
+      renorm: None or ``(rmax, dmax)``: batch renormalization, numbers or arrays.
+      virtual_batch_size: None or k: ghost batch norm.
+      rngs: ignored (nothing is random here), so that ``nnx.BatchNorm``'s call site works.
 
     Raises:
-      TypeError: for a keyword ``jbn.batchnorm`` does not have; bad values raise when the
-        layer is called, as ``jbn.batchnorm`` does.
+      ValueError: for ``use_bias=True`` with ``use_scale=False``; bad values of the others
+        raise when the layer is called, as ``jbn.batchnorm`` does.
 
-    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...,
-    momentum=..., eps=...)``. Flax: ``nnx.BatchNorm`` with ``momentum = 1 − jbn momentum``,
-    but a biased running variance and no cumulative average.
+    Flax: ``nnx.BatchNorm`` with ``momentum = 1 − jbn momentum``, but an unbiased running
+    variance (n/(n − 1) times Flax's) and the cumulative average for ``momentum=None``.
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, eps=epsilon, momentum=...,
+    affine=use_scale, track_running_stats=..., bias=use_bias)`` with ``axis=1``;
+    ``mode="frozen"``: torchvision's ``FrozenBatchNorm2d``.
     """
 
     def __init__(
         self,
         num_features: int,
         *,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        dtype: DTypeLike = jnp.float32,
         use_running_average: bool = False,
-        **keywords: Any,
+        axis: int = -1,
+        momentum: float | None = 0.1,
+        epsilon: float = 1e-5,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        axis_name: Hashable | tuple[Hashable, ...] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        track_running_stats: bool = True,
+        mode: Literal["tracked", "untracked", "frozen"] = "tracked",
+        renorm: tuple[ArrayLike, ArrayLike] | None = None,
+        virtual_batch_size: int | None = None,
+        rngs: nnx.Rngs | None = None,
     ):
-        self.keywords = layer_keywords("jbn.nnx.BatchNorm", keywords)
-        params, state = init(num_features, affine=affine,
-                             track_running_stats=track_running_stats, dtype=dtype)
-        for name in ("weight", "bias"):
-            setattr(self, name, nnx.Param(params[name]) if params else nnx.data(None))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(self, name, nnx.BatchStat(state[name]) if state else nnx.data(None))
+        del rngs
+        if use_bias and not use_scale:
+            raise ValueError("use_bias=True with use_scale=False is a bias without a weight, "
+                             "which jbn does not have: use use_scale=True (a weight of ones "
+                             "computes the same) or use_bias=False")
+        params, state = init(num_features, affine=use_scale, bias=use_bias,
+                             track_running_stats=track_running_stats, dtype=param_dtype)
+        # A frozen layer's weight and bias are constants, as FrozenBatchNorm2d's buffers, and
+        # it counts no batches.
+        trainable = nnx.BatchStat if mode == "frozen" else nnx.Param
+        if mode == "frozen":
+            state.pop("num_batches_tracked", None)
+        for name in PARAM_KEYS:
+            setattr(self, name, trainable(params[name]) if name in params else nnx.data(None))
+        for name in STATE_KEYS:
+            setattr(self, name, nnx.BatchStat(state[name]) if name in state else nnx.data(None))
         self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.axis_name = hashable(axis_name)
+        self.axis_index_groups = hashable(axis_index_groups)
+        self.mode = mode
+        self.renorm = nnx.data(renorm)  # arrays may be traced: a schedule does not recompile
+        self.virtual_batch_size = virtual_batch_size
 
     def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Array | None = None,
+        momentum: float | None = LAYER,
+        renorm: tuple[ArrayLike, ArrayLike] | None = LAYER,
     ) -> Array:
-        """Normalizes ``x``; in training, updates the running statistics in place.
+        """Normalizes ``x``; where the running statistics learn, updates them in place.
 
         Args:
           x: floating array, channel at the layer's ``axis``.
-          use_running_average: overrides the layer's mode for this call.
+          use_running_average: overrides the layer's phase for this call.
           mask: boolean, as ``jbn.batchnorm``'s: False positions enter no statistic.
+          momentum, renorm: override the layer's for this call (a ``renorm`` schedule of
+            traced values under ``nnx.jit`` compiles once).
 
         Returns:
-          ``y``, of the shape and dtype of ``x``.
+          ``y``, of the shape of ``x`` and the layer's ``dtype`` (``x``'s by default).
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
-        y, state = batchnorm(self.params, self.state, x, not use_running_average, mask=mask,
-                             **dict(self.keywords))
-        if not use_running_average:  # only training changes the state
-            for name, value in state.items():
+        if self.dtype is not None:
+            x = jnp.asarray(x, self.dtype)
+        state = self.state
+        y, new_state = batchnorm(
+            self.params, state, x, not use_running_average, mode=self.mode,
+            momentum=self.momentum if momentum is LAYER else momentum, eps=self.epsilon,
+            axis=self.axis, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            renorm=self.renorm if renorm is LAYER else renorm,
+            virtual_batch_size=self.virtual_batch_size)
+        if new_state is not state:  # only an update: writing would add outputs to a trace
+            for name, value in new_state.items():
                 getattr(self, name)[...] = value
         return y
 
     @property
     def params(self) -> Params:
-        """``{"weight", "bias"}`` as arrays, or ``{}``: the layer's jbn params."""
-        return {} if self.weight is None else {"weight": self.weight[...],
-                                               "bias": self.bias[...]}
+        """``{"weight", "bias"}`` as arrays, ``{"weight"}``, or ``{}``: the layer's jbn
+        params (constants in a frozen layer)."""
+        return {name: getattr(self, name)[...] for name in PARAM_KEYS
+                if getattr(self, name) is not None}
 
     @property
     def state(self) -> State:
-        """``{"running_mean", "running_var", "num_batches_tracked"}`` as arrays, or ``{}``."""
-        if self.running_mean is None:
-            return {}
-        return {name: getattr(self, name)[...]
-                for name in ("running_mean", "running_var", "num_batches_tracked")}
+        """``{"running_mean", "running_var", "num_batches_tracked"}`` as arrays (without the
+        count in a frozen layer), or ``{}``."""
+        return {name: getattr(self, name)[...] for name in STATE_KEYS
+                if getattr(self, name) is not None}
 
     def set_view(self, use_running_average: bool | None = None):
-        """Sets the mode for ``nnx.view(model, use_running_average=...)``."""
+        """Sets the phase for ``nnx.view(model, use_running_average=...)``."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

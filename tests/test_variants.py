@@ -299,9 +299,9 @@ def test_framework_layers_pass_renorm_and_virtual_batch_size_on():
     options = dict(renorm=LIMITS, virtual_batch_size=4)
     params, state = jbn.init(C, dtype=jnp.float64)
     expected, _ = jbn.batchnorm(params, state, X, True, **options)
-    nnx_layer = jbn.nnx.BatchNorm(C, dtype=jnp.float64, **options)
+    nnx_layer = jbn.nnx.BatchNorm(C, axis=1, param_dtype=jnp.float64, **options)
     eqx_layer, eqx_state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(
-        C, dtype=jnp.float64, **options)
+        C, axis=1, dtype=jnp.float64, **options)
     np.testing.assert_array_equal(nnx_layer(X), expected)
     np.testing.assert_array_equal(eqx_layer(X, eqx_state)[0], expected)
     # Eval with running statistics: 7 examples, which no group of 4 divides.
