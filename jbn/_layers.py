@@ -3,8 +3,9 @@ threaded, and what the framework layers share."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,73 @@ def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping
                 raise ValueError(f"layer {path!r}: {name} has {layout(new)}, the layer was "
                                  f"built with {layout(old)}")
 
+
+class FoldReport(NamedTuple):
+    """What folding a model for inference did.
+
+    ``pairs``: ``(layer, batch norm)`` paths, each batch norm folded into the Conv or Linear
+    before it; ``left``: batch norm path → why it was left in place; ``max_difference``: the
+    largest absolute difference between the outputs of the folded and the unfolded model in
+    eval mode, on the input given."""
+
+    pairs: tuple[tuple[str, str], ...]
+    left: dict[str, str]
+    max_difference: float
+
+
+class Recording:
+    """One forward pass as the layers saw it: how often each ran, and which layer's output
+    each batch norm received (the very array object, so that anything computed in between,
+    an activation or a residual sum, breaks the pair)."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.outputs: list[tuple[str, Any]] = []
+        self.inputs: dict[str, tuple[str | None, int]] = {}  # batch norm → (source, x.ndim)
+        self.shared: set[str] = set()  # layers whose output another layer takes too
+
+    def layer(self, path: str, x: Any, output: Any) -> None:
+        self.calls[path] += 1
+        source = self._source(x)
+        if source is not None:
+            self.shared.add(source)
+        self.outputs.append((path, output))
+
+    def batchnorm(self, path: str, x: Any) -> None:
+        self.calls[path] += 1
+        self.inputs[path] = (self._source(x), x.ndim)
+
+    def _source(self, x: Any) -> str | None:
+        return next((layer for layer, output in self.outputs if output is x), None)
+
+    def plan(self, unfoldable: Mapping[str, Callable[[int], str | None]]
+             ) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+        """The pairs to fold and the batch norms to leave, with why; ``unfoldable`` maps
+        each batch norm's path to what says, from the rank of its input, why it cannot be
+        folded into the layer before it (None: it can)."""
+        sources = Counter(source for source, _ in self.inputs.values())
+        pairs, left = [], {}
+        for path, why_not in unfoldable.items():
+            source, ndim = self.inputs.get(path, (None, 0))
+            if self.calls[path] != 1:
+                why = ("did not run on the given input" if not self.calls[path] else
+                       "runs more than once")
+            elif source is None:
+                why = "does not directly follow a Conv or Linear"
+            elif self.calls[source] > 1 or sources[source] > 1 or source in self.shared:
+                why = f"follows {source!r}, whose output is not its alone"
+            else:
+                why = why_not(ndim)
+            if why is None:
+                pairs.append((source, path))
+            else:
+                left[path] = why
+        self.outputs.clear()  # arrays of a trace, which must not outlive it
+        return tuple(pairs), left
+
+
+def max_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference between the leaves of two pytrees of arrays."""
+    return max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+                if np.size(x)), default=0.0)

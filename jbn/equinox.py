@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import copy
+import functools
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -15,7 +17,16 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
 from jbn._call import PARAM_KEYS, STATE_KEYS
-from jbn._layers import LAYER, check_loadable, dotted, hashable
+from jbn._layers import (
+    LAYER,
+    FoldReport,
+    Recording,
+    check_loadable,
+    dotted,
+    hashable,
+    max_difference,
+)
+from jbn.interop.folding import fold_into
 
 try:
     import equinox as eqx
@@ -25,7 +36,7 @@ except ModuleNotFoundError as error:
     raise ModuleNotFoundError(f"{__name__} is jbn's layer for Equinox, which is not "
                               "installed: pip install 'jbn[equinox]'", name=error.name) from error
 
-__all__ = ["BatchNorm", "get_layers", "set_layers"]
+__all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -267,6 +278,136 @@ def set_layers(
                            [new[name] for name in names])
 
     return jax.tree_util.tree_map_with_path(load, model, is_leaf=_is_layer), state
+
+
+class Folded(eqx.nn.StatefulLayer):
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x`` and
+    the state unchanged, whatever else the call passes (``inference``, ``mask``...)."""
+
+    def __call__(self, x: Array, state: eqx.nn.State | None = None, *args: Any,
+                 **kwargs: Any) -> tuple[Array, eqx.nn.State | None]:
+        """Returns ``(x, state)``."""
+        del args, kwargs
+        return x, state
+
+
+def fold_model(
+    model: Any,
+    state: eqx.nn.State,
+    x: Any,
+    *,
+    forward: Callable[[Any, eqx.nn.State, Any], Any] | None = None,
+) -> tuple[Any, FoldReport]:
+    """``model`` for inference, each ``jbn.equinox.BatchNorm`` that directly follows an
+    ``eqx.nn.Conv`` (1-D, 2-D, 3-D) or ``eqx.nn.Linear`` folded into it.
+
+    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
+              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
+              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
+
+    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
+    ``Folded``, which passes its input and the state through. Which batch norm follows
+    which layer is seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear
+    whose output array is the batch norm's input, each running once and that output going
+    to no other layer. Anything else stays as it was: an activation or a residual sum in
+    between, a batch norm that normalizes with batch statistics in eval (no running
+    statistics, or ``mode="untracked"``), or one over another axis than the layer's output
+    channels (axis 0 of one example). An elementwise use of the layer's output besides the
+    batch norm (``conv(x) + bn(conv(x))``) is not seen, and shows in the reported
+    difference.
+
+    Args:
+      model: an Equinox module (any pytree).
+      state: its ``eqx.nn.State``; the folded model takes the same (its folded batch norms'
+        entries are no longer read).
+      x: an input to run the model on, in inference mode.
+      forward: ``forward(model, state, x)`` returns the model's output (any pytree of
+        arrays); by default ``model(x, state)[0]``. A model of one example is run under
+        ``jax.vmap`` here, with or without ``axis_name`` (inference binds none). It is
+        traced once (``eqx.filter_eval_shape``) and run twice: pass it jitted
+        (``eqx.filter_jit``) to run compiled.
+
+    Returns:
+      ``(folded, report)``: the folded model, in inference mode, and a ``FoldReport``:
+      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
+      batch norm left in place and why; ``report.max_difference``, the largest absolute
+      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
+      of the folded multiply-add: see ``jbn.fold``).
+
+    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
+    Conv–BatchNorm pairs the same way.
+    """
+    forward = forward or (lambda model, state, x: model(x, state)[0])
+    reference = eqx.nn.inference_mode(model)
+    recording = Recording()
+    recorded = _map_foldable(reference, lambda path, layer: _Recorded(layer, path, recording))
+    eqx.filter_eval_shape(forward, recorded, state, x)  # tracing is all the recording needs
+    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer, state)
+                                  for path, layer in _layers(reference).items()})
+    batchnorms = _layers(reference)
+    following = dict(pairs)  # layer path → the batch norm folded into it
+
+    def fold(path, node):
+        if path in following.values():
+            return Folded()
+        if path not in following:
+            return node
+        batchnorm = batchnorms[following[path]]
+        bias = None if node.bias is None else node.bias.reshape(-1)
+        kernel, bias = fold_into(node.weight, bias, batchnorm.layer_params(state),
+                                 batchnorm.layer_state(state),
+                                 layout="oi" + "s" * (node.weight.ndim - 2), eps=batchnorm.eps)
+        folded = copy.copy(node)
+        # use_bias is a static field, which eqx.tree_at cannot change; the copy is ours.
+        object.__setattr__(folded, "use_bias", True)
+        object.__setattr__(folded, "weight", kernel)
+        object.__setattr__(folded, "bias", bias.reshape(bias.shape + (1,) * (kernel.ndim - 2)))
+        return folded
+
+    folded = _map_foldable(reference, fold)
+    return folded, FoldReport(pairs, left, max_difference(forward(reference, state, x),
+                                                          forward(folded, state, x)))
+
+
+class _Recorded(eqx.nn.StatefulLayer):
+    """A layer of the model, run as it is, whose call ``fold_model`` records."""
+
+    layer: Any
+    path: str = eqx.field(static=True)
+    recording: Recording = eqx.field(static=True)
+
+    def is_stateful(self) -> bool:
+        return isinstance(self.layer, BatchNorm)
+
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(self.layer, BatchNorm):
+            self.recording.batchnorm(self.path, x)
+            return self.layer(x, *args, **kwargs)
+        y = self.layer(x, *args, **kwargs)
+        self.recording.layer(self.path, x, y)
+        return y
+
+
+def _is_foldable(node: Any) -> bool:
+    return isinstance(node, (eqx.nn.Conv, eqx.nn.Linear, BatchNorm))
+
+
+def _map_foldable(model: Any, replace: Callable[[str, Any], Any]) -> Any:
+    """``model`` with each Conv, Linear and jbn batch norm replaced by ``replace(path, it)``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, node: replace(dotted(keys), node) if _is_foldable(node) else node, model,
+        is_leaf=_is_foldable)
+
+
+def _unfoldable(layer: BatchNorm, state: eqx.nn.State, ndim: int) -> str | None:
+    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
+    if not layer.layer_state(state) or layer.mode == "untracked":
+        return ("normalizes with the batch's statistics in eval (no running statistics, or "
+                "mode 'untracked')")
+    if layer.axis % ndim != 0:
+        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
+                "channels first")
+    return None
 
 
 def _is_layer(node: Any) -> bool:

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Literal
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal
 
 import jax.numpy as jnp
 from jax import Array
@@ -14,7 +15,16 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
 from jbn._call import PARAM_KEYS, STATE_KEYS
-from jbn._layers import LAYER, check_loadable, dotted, hashable
+from jbn._layers import (
+    LAYER,
+    FoldReport,
+    Recording,
+    check_loadable,
+    dotted,
+    hashable,
+    max_difference,
+)
+from jbn.interop.folding import fold_into
 
 try:
     from flax import nnx
@@ -24,7 +34,7 @@ except ModuleNotFoundError as error:
     raise ModuleNotFoundError(f"{__name__} is jbn's layer for Flax NNX, which is not "
                               "installed: pip install 'jbn[flax]'", name=error.name) from error
 
-__all__ = ["BatchNorm", "get_layers", "set_layers"]
+__all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
 
 class BatchNorm(nnx.Module):
@@ -227,6 +237,133 @@ def set_layers(model: nnx.Module, params: dict[str, Params], state: dict[str, St
     for path, layer in layers.items():
         for name, value in {**params[path], **state[path]}.items():
             getattr(layer, name)[...] = value
+
+
+class Folded(nnx.Module):
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x``
+    unchanged, whatever else the call passes (``use_running_average``, ``mask``...)."""
+
+    def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Array:
+        """Returns ``x``."""
+        del args, kwargs
+        return x
+
+
+def fold_model(
+    model: nnx.Module,
+    x: Any,
+    *,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+) -> tuple[nnx.Module, FoldReport]:
+    """A copy of ``model`` for inference, each ``jbn.nnx.BatchNorm`` that directly follows an
+    ``nnx.Conv`` or ``nnx.Linear`` folded into it.
+
+    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
+              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
+              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
+
+    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
+    ``Folded``, which passes its input through. Which batch norm follows which layer is
+    seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear whose output array
+    is the batch norm's input, each running once and that output going to no other layer.
+    Anything else stays as it was: an activation or a residual sum in between, a batch norm
+    that normalizes with batch statistics in eval (no running statistics, or
+    ``mode="untracked"``), or one over another axis than the layer's output channels. An
+    elementwise use of the layer's output besides the batch norm (``conv(x) + bn(conv(x))``)
+    is not seen, and shows in the reported difference.
+
+    Args:
+      model: an NNX module; it is left as it is.
+      x: an input to run the model on, in eval mode.
+      forward: ``forward(model, x)`` returns the model's output (any pytree of arrays);
+        ``model(x)`` by default. It is traced once (``nnx.eval_shape``) and run twice:
+        pass it jitted (``nnx.jit``) to run compiled.
+
+    Returns:
+      ``(folded, report)``: the folded copy, in eval mode, and a ``FoldReport``:
+      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
+      batch norm left in place and why; ``report.max_difference``, the largest absolute
+      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
+      of the folded multiply-add: see ``jbn.fold``).
+
+    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
+    Conv–BatchNorm pairs the same way.
+    """
+    forward = forward or (lambda model, x: model(x))
+    reference = nnx.clone(model)
+    reference.eval()
+    recording = Recording()
+    recorded = nnx.clone(reference)
+    for keys, module in _foldable(recorded):
+        _replace(recorded, keys, _Recorded(module, dotted(keys), recording))
+    nnx.eval_shape(forward, recorded, x)  # tracing is all the recording needs
+    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer)
+                                  for path, layer in _layers(reference).items()})
+    folded = nnx.clone(reference)
+    modules = {dotted(keys): (keys, module) for keys, module in _foldable(folded)}
+    for layer_path, batchnorm_path in pairs:
+        layer = modules[layer_path][1]
+        keys, batchnorm = modules[batchnorm_path]
+        kernel, bias = fold_into(layer.kernel[...],
+                                 None if layer.bias is None else layer.bias[...],
+                                 batchnorm.params, batchnorm.state,
+                                 layout="s" * (layer.kernel.ndim - 2) + "io",
+                                 eps=batchnorm.epsilon)
+        layer.kernel[...] = kernel
+        if layer.bias is None:
+            layer.bias, layer.use_bias = nnx.Param(bias), True
+        else:
+            layer.bias[...] = bias
+        _replace(folded, keys, Folded())
+    return folded, FoldReport(pairs, left, max_difference(forward(reference, x),
+                                                          forward(folded, x)))
+
+
+class _Recorded(nnx.Module):
+    """A layer of the model, run as it is, whose call ``fold_model`` records."""
+
+    def __init__(self, layer: nnx.Module, path: str, recording: Recording):
+        self.layer, self.path, self.recording = layer, path, recording
+
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(self.layer, BatchNorm):
+            self.recording.batchnorm(self.path, x)
+            return self.layer(x, *args, **kwargs)
+        y = self.layer(x, *args, **kwargs)
+        self.recording.layer(self.path, x, y)
+        return y
+
+
+def _foldable(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """The Conv, Linear and jbn batch norm modules of ``model``, with their key paths."""
+    return [(keys, module) for keys, module in nnx.iter_modules(model)
+            if isinstance(module, (nnx.Conv, nnx.Linear, BatchNorm))]
+
+
+def _unfoldable(layer: BatchNorm, ndim: int) -> str | None:
+    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
+    if not layer.state or layer.mode == "untracked":
+        return ("normalizes with the batch's statistics in eval (no running statistics, or "
+                "mode 'untracked')")
+    if layer.axis % ndim != ndim - 1:
+        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
+                "channels last")
+    return None
+
+
+def _replace(model: nnx.Module, keys: tuple, new: nnx.Module) -> None:
+    """Puts ``new`` where ``keys`` lead in ``model``: through attributes, list indices or
+    dict keys."""
+    def attribute(node, key):
+        return isinstance(key, str) and hasattr(node, key)
+
+    parent = model
+    for key in keys[:-1]:
+        parent = getattr(parent, key) if attribute(parent, key) else parent[key]
+    if attribute(parent, keys[-1]):
+        setattr(parent, keys[-1], new)
+    else:
+        parent[keys[-1]] = new
 
 
 def _layers(model: nnx.Module) -> dict[str, BatchNorm]:
