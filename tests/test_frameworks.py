@@ -307,10 +307,12 @@ def test_nnx_layer_passes_mask_and_axis_name_on_under_vmap():
     assert_close(layer.state, expected_state)
 
 
-def test_nnx_layer_and_its_call_work_under_nnx_eval_shape():
-    layer = nnx.eval_shape(lambda: jbn.nnx.BatchNorm(8, rngs=nnx.Rngs(0)))
-    leaves = jax.tree.leaves(nnx.state(layer))
-    assert len(leaves) == 5 and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+def test_nnx_layer_and_its_call_work_under_nnx_eval_shape_and_jax_eval_shape():
+    for eval_shape in (nnx.eval_shape, jax.eval_shape):
+        layer = eval_shape(lambda: jbn.nnx.BatchNorm(8, rngs=nnx.Rngs(0)))
+        leaves = jax.tree.leaves(nnx.state(layer))
+        assert len(leaves) == 5
+        assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
     y = nnx.eval_shape(lambda layer, x: layer(x), jbn.nnx.BatchNorm(8), nhwc_images())
     assert y.shape == (4, 8, 8, 8) and y.dtype == jnp.float32
 
