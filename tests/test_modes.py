@@ -149,12 +149,19 @@ def test_a_state_without_a_count_normalizes_as_one_with_a_count():
         assert new_state is countless
 
 
-def test_eval_needs_no_bound_axis_name():
+@pytest.mark.parametrize("training, mode", [(False, "tracked"), (True, "frozen")])
+def test_running_statistics_need_no_bound_axis_name(training, mode):
     params, state = jbn.init(C)
     state = {**state, "running_mean": jnp.arange(C, dtype=jnp.float32)}
-    example = jnp.linspace(-1, 1, C * 5).reshape(C, 5)  # one example, outside jax.vmap
-    y, _ = jbn.batchnorm(params, state, example, False, axis=0, axis_name="batch")
-    np.testing.assert_array_equal(y, jbn.batchnorm(params, state, example, False, axis=0)[0])
+    examples = jnp.linspace(-1, 1, 4 * C * 5).reshape(4, C, 5)
+
+    def per_example(x):
+        return jbn.batchnorm(params, state, x, training, mode=mode, axis=0,
+                             axis_name="batch")[0]
+
+    expected = jbn.batchnorm(params, state, examples, False, axis=1)[0]
+    np.testing.assert_array_equal(per_example(examples[0]), expected[0])  # outside jax.vmap
+    np.testing.assert_array_equal(jax.vmap(per_example)(examples), expected)  # no axis named
 
 
 # ---------------------------------------------------------------------------------------
