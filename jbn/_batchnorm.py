@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ def init(
     num_features: int,
     *,
     affine: bool = True,
+    bias: bool = True,
     track_running_stats: bool = True,
     dtype: DTypeLike = jnp.float32,
     accumulation_steps: int | None = None,
@@ -34,20 +36,25 @@ def init(
     Args:
       num_features: C, the number of channels.
       affine: whether there is a learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+      bias: with ``affine``, whether there is a ``bias``; without it, ``weight`` alone.
       track_running_stats: whether there are running statistics for eval mode.
-      dtype: floating dtype of the parameters and running statistics.
+      dtype: floating dtype of the parameters. The running statistics are kept in the finer
+        of it and float32: a bfloat16 or float16 running average loses its small updates to
+        rounding (``batchnorm`` refuses to train one), and Flax keeps them in float32 too.
       accumulation_steps: None, or the k of ``batchnorm(..., accumulation_steps=k)``: the
         state then also carries ``"accumulator"``, the statistics of the micro-batches of
         the optimizer step under way (empty: ``count``, ``degrees`` 0, ``mean``, ``m2``
         zeros(C), in at least float32; ``micro_batches`` int32 0).
 
     Returns:
-      ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, or ``{}`` without affine.
+      ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, ``{"weight"}`` without bias,
+      or ``{}`` without affine.
       ``state``: ``{"running_mean": zeros(C), "running_var": ones(C),
       "num_batches_tracked": int32 0}``, or ``{}`` without running statistics.
       The names are PyTorch's state_dict names; ``to_torch`` leaves the accumulator out.
 
-    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...)``.
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...,
+    bias=...)``.
     """
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(f"num_features must be an int, got {num_features!r}")
@@ -65,12 +72,15 @@ def init(
                          "track_running_stats=False has none")
     params = {}
     if affine:
-        params = {"weight": jnp.ones(num_features, dtype), "bias": jnp.zeros(num_features, dtype)}
+        params = {"weight": jnp.ones(num_features, dtype)}
+        if bias:
+            params["bias"] = jnp.zeros(num_features, dtype)
     state = {}
     if track_running_stats:
+        statistics_dtype = compute_dtype(dtype)
         state = {
-            "running_mean": jnp.zeros(num_features, dtype),
-            "running_var": jnp.ones(num_features, dtype),
+            "running_mean": jnp.zeros(num_features, statistics_dtype),
+            "running_var": jnp.ones(num_features, statistics_dtype),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
     if accumulation_steps is not None:
@@ -84,6 +94,7 @@ def batchnorm(
     x: Array,
     training: bool,
     *,
+    mode: Literal["tracked", "untracked", "frozen"] = "tracked",
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
@@ -102,16 +113,24 @@ def batchnorm(
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
 
     The statistics run over every axis of ``x`` except ``axis`` (and over every device along
-    ``axis_name``); the biased variance normalizes.
+    ``axis_name``); the biased variance normalizes. ``training`` is the phase of the model;
+    ``mode`` the kind of layer, as PyTorch chooses between ``BatchNorm2d`` and
+    ``FrozenBatchNorm2d``:
 
-    * Training, or no running statistics (``state == {}``): batch statistics normalize.
-      In training with state, ``running ← (1 − momentum)·running + momentum·batch`` with the
-      *unbiased* batch variance ``n/(n − 1)·Var[x]`` for ``running_var``, and
-      ``num_batches_tracked += 1``; ``momentum=None`` makes it the cumulative average
-      (factor ``1/num_batches_tracked``).
-    * Eval with state: the running statistics normalize, in one elementwise pass that
+    * ``"tracked"`` (PyTorch's ``BatchNorm``). Training, or no running statistics
+      (``state == {}``): batch statistics normalize. In training with state,
+      ``running ← (1 − momentum)·running + momentum·batch`` with the *unbiased* batch
+      variance ``n/(n − 1)·Var[x]`` for ``running_var``, and ``num_batches_tracked += 1``;
+      ``momentum=None`` makes it the cumulative average (factor ``1/num_batches_tracked``).
+      Eval with state: the running statistics normalize, in one elementwise pass that
       centers first, ``(x − running_mean)·w/√(running_var + eps) + b``, so that a channel
       whose mean is large against its spread loses nothing to cancellation.
+    * ``"untracked"``: batch statistics normalize in training and eval, and the state is
+      left as it is (PyTorch's ``track_running_stats=False``, Haiku's ``test_local_stats``):
+      test-time adaptation, MAML's inner loop.
+    * ``"frozen"``: the running statistics normalize in training and eval, and ``weight``
+      and ``bias`` are constants to the derivative (torchvision's ``FrozenBatchNorm2d``);
+      ``x`` still receives its gradient. Fine-tuning detection and segmentation models.
 
     The state comes back unchanged whenever it is not updated.
 
@@ -151,20 +170,25 @@ def batchnorm(
       only the direct term ``w·ẋ/√(var + eps)``; the state is not updated.
 
     Args:
-      params: ``{"weight", "bias"}`` of shape (C,), or ``{}`` (no affine transform).
+      params: ``{"weight", "bias"}`` of shape (C,), ``{"weight"}`` alone (PyTorch's
+        ``bias=False``), or ``{}`` (no affine transform).
       state: ``{"running_mean", "running_var"}`` of shape (C,) and an integer scalar
-        ``"num_batches_tracked"``, or ``{}`` (no running statistics).
+        ``"num_batches_tracked"``; those two alone (a frozen layer's, as
+        ``FrozenBatchNorm2d`` keeps them: used to normalize, never trained); or ``{}`` (no
+        running statistics).
       x: floating array, rank ≥ 2 (rank ≥ 1 with ``axis_name``), channel at ``axis``.
       training: Python bool (static under ``jax.jit``).
+      mode: ``"tracked"``, ``"untracked"`` or ``"frozen"``, as above.
       momentum: weight of the batch statistic in the running update, in [0, 1], or None.
-      eps: added to the variance; > 0 where batch statistics normalize, ≥ 0 in eval with
-        running statistics (as PyTorch).
+      eps: added to the variance; > 0 where batch statistics normalize, ≥ 0 where running
+        statistics do (as PyTorch; FrozenBatchNorm2d's are often 0).
       axis: the channel axis: 1 for (N, C, ...), -1 for channels-last.
       mask: boolean, shaped like ``x`` without its channel axis, or a leading prefix of that
         shape (``(N,)`` or ``(N, L)`` for ``(N, C, L)``). False positions enter neither the
         statistics nor the Bessel count; their outputs are normalized all the same.
       axis_name: name(s) of mapped axes (``jax.pmap``, ``jax.shard_map``, ``jax.vmap``)
-        whose devices or examples share the statistics (synchronized batch norm).
+        whose devices or examples share the statistics (synchronized batch norm). Where
+        running statistics normalize it is not used, and need not be bound.
       axis_index_groups: None, or the devices along ``axis_name`` split into groups (lists
         of indices, each index once), each group with its own statistics; under
         ``jax.shard_map``, ``jax.vmap`` and ``jax.pmap`` alike.
@@ -193,11 +217,13 @@ def batchnorm(
     Raises:
       TypeError, ValueError: at trace time, for arguments of the wrong type, shape, dtype or
         range, and when training with exactly one value per channel (per ghost group), for
-        ``renorm`` without running statistics, and for a ``virtual_batch_size`` that does not
-        divide the batch.
+        ``renorm`` without running statistics, for a ``virtual_batch_size`` that does not
+        divide the batch, for ``mode="frozen"`` without running statistics, and for
+        training a state without ``num_batches_tracked`` or with running statistics narrower
+        than float32 (bfloat16, float16), whose small updates would round away.
 
     Warns:
-      UserWarning: for ``momentum ≥ 0.9`` in training with running statistics, which is
+      UserWarning: for ``momentum ≥ 0.9`` where training updates the running statistics, which is
         most often Flax's convention by mistake (once per trace; ``warnings`` filters apply).
 
     An empty batch (no value per channel) gives an empty ``y`` and, as in PyTorch, counts in
@@ -211,8 +237,8 @@ def batchnorm(
     (``momentum`` has PyTorch's convention; Flax's ``momentum=0.99`` is jbn's 0.01).
     PyTorch has neither variant; Keras 2 had both (``renorm``, ``virtual_batch_size``).
     """
-    call = parse(params, state, x, training, momentum=momentum, eps=eps, axis=axis, mask=mask,
-                 axis_name=axis_name, axis_index_groups=axis_index_groups,
+    call = parse(params, state, x, training, mode=mode, momentum=momentum, eps=eps, axis=axis,
+                 mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
                  group_size=group_size, renorm=renorm, virtual_batch_size=virtual_batch_size,
                  accumulation_steps=accumulation_steps,
                  accumulation_pooling=accumulation_pooling, statistics=statistics)
@@ -280,7 +306,7 @@ def batch_statistics(
     if mask is not None and getattr(mask, "shape", (None,))[:1] != xs.shape[:1]:
         raise ValueError(f"mask must stack the micro-batches' masks along axis 0, as xs "
                          f"{xs.shape} does; got {getattr(mask, 'shape', type(mask).__name__)}")
-    call = parse({}, state, xs[0], True, momentum=momentum, eps=1.0, axis=axis,
+    call = parse({}, state, xs[0], True, mode="tracked", momentum=momentum, eps=1.0, axis=axis,
                  mask=None if mask is None else mask[0], axis_name=axis_name,
                  axis_index_groups=axis_index_groups, group_size=group_size, renorm=None,
                  virtual_batch_size=None, accumulation_steps=None,

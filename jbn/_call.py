@@ -24,6 +24,14 @@ from jbn._reduction import Reduction
 
 PARAM_KEYS = ("weight", "bias")
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+# A state's keys, with the one it has where it accumulates micro-batches.
+LAYER_STATE_KEYS = (*STATE_KEYS, "accumulator")
+# What a layer may hold besides all of its keys or none: PyTorch's bias=False has a weight
+# alone, a frozen layer (torchvision's FrozenBatchNorm2d) running statistics without a count.
+PARTIAL_KEYS = {"params": (("weight",), "alone (PyTorch's bias=False)"),
+                "state": (("running_mean", "running_var"),
+                          "alone (a frozen layer's, as FrozenBatchNorm2d keeps them)")}
+MODES = ("tracked", "untracked", "frozen")
 
 
 POOLINGS = ("union", "micro-batches")
@@ -40,10 +48,10 @@ class Call:
 
     x: Array
     reduction: Reduction  # which values share the statistics
-    weight: Array | None  # (C,), or None without affine
-    bias: Array | None
+    weight: Array | None  # (C,), or None without affine; constants in a frozen layer
+    bias: Array | None  # zeros for a weight alone
     fixed: tuple[Array, Array] | None  # (mean, var) that normalize, or None: the batch's own
-    updates_state: bool  # training with running statistics
+    updates_state: bool  # whether the running state learns from the batch's statistics
     eps: float
     momentum: float | None
     valid: Array | None  # the mask, shaped to broadcast against x
@@ -58,6 +66,7 @@ def parse(
     x: Any,
     training: Any,
     *,
+    mode: Any,
     momentum: Any,
     eps: Any,
     axis: Any,
@@ -78,9 +87,11 @@ def parse(
     channel_axis = _channel_axis(axis, x.shape, axis_name)
     _check_channels_of_x(x.shape, channel_axis, axis, params, state)
     channels = check_layer(params, state, channels=x.shape[channel_axis])
-    given = _given_statistics(statistics, channels, training, state)
-    batch_statistics = (training or not state) and given is None
-    _check_momentum(momentum, warn=training and bool(state) and given is None)
+    batch_statistics, updates_state = _mode(mode, training, state)
+    given = _given_statistics(statistics, channels, batch_statistics)
+    if given is not None:
+        batch_statistics = updates_state = False
+    _check_momentum(momentum, warn=updates_state)
     check_eps(eps, positive=batch_statistics or given is not None)
     ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
     groups = _device_groups(axis_index_groups, group_size, axis_name)
@@ -88,19 +99,20 @@ def parse(
                           _ghost_sharding(x, ghost))
     limits = _renorm_limits(renorm, state)
     steps, within = _accumulation(accumulation_steps, accumulation_pooling, state,
-                                  training and given is None, ghost)
+                                  training and mode == "tracked" and given is None, ghost)
     if given is not None and (ghost or limits is not None):
         raise ValueError("statistics normalize in place of the batch's own: renorm and "
                          "virtual_batch_size, which change how the batch's own normalize, "
                          "do not go with them")
-    devices = _devices(reduction)
-    if batch_statistics:
-        _check_values_per_channel(x.shape, reduction, devices, masked=mask is not None)
-    if not batch_statistics and given is None:  # eval with running statistics
+    if batch_statistics:  # normalizing with given statistics needs no other device
+        _check_values_per_channel(x.shape, reduction, _devices(reduction),
+                                  masked=mask is not None)
+    if not batch_statistics and given is None:  # the running statistics normalize
         given = (state["running_mean"], state["running_var"])
+    weight, bias = _affine(params, frozen=mode == "frozen")
     return Call(
-        x=x, reduction=reduction, weight=params.get("weight"), bias=params.get("bias"),
-        fixed=given, updates_state=training and bool(state) and batch_statistics,
+        x=x, reduction=reduction, weight=weight, bias=bias, fixed=given,
+        updates_state=updates_state,
         eps=float(eps), momentum=momentum, valid=_valid(mask, x.shape, channel_axis),
         renorm=None if limits is None or not batch_statistics else Renorm(
             state["running_mean"], state["running_var"], *limits),
@@ -110,11 +122,13 @@ def parse(
 def check_layer(params: Any, state: Any, *, channels: int | None = None,
                 names: Mapping[str, str] | None = None) -> int | None:
     """Checks one layer's ``params`` and ``state`` as ``batchnorm`` takes them: each a dict,
-    ``{}`` or with exactly its keys; ``weight``, ``bias``, ``running_mean``, ``running_var``
-    floating arrays of shape (C,); ``num_batches_tracked`` an int32 or int64 scalar (a
-    narrower integer would wrap around, and ``momentum=None`` divides by it); and, where the
-    state accumulates micro-batches, ``accumulator``: ``count``, ``degrees`` floating
-    scalars, ``mean``, ``m2`` of shape (C,), ``micro_batches`` an int32 or int64 scalar.
+    ``{}`` or with exactly its keys, or ``{"weight"}`` alone (PyTorch's ``bias=False``) and
+    ``{"running_mean", "running_var"}`` alone (a frozen layer's, without a batch count);
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` floating arrays of shape (C,);
+    ``num_batches_tracked`` an int32 or int64 scalar (a narrower integer would wrap around,
+    and ``momentum=None`` divides by it); and, where the state accumulates micro-batches,
+    ``accumulator``: ``count``, ``degrees`` floating scalars, ``mean``, ``m2`` of shape
+    (C,), ``micro_batches`` an int32 or int64 scalar.
 
     Args:
       params, state: the layer's dicts.
@@ -137,9 +151,14 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
         if not found:
             continue
         optional = ("accumulator",) if kind == "state" else ()
-        if not set(keys) <= set(found) <= set(keys) | set(optional):
-            raise ValueError(f"{kind} must have keys {list(keys)} (or be empty)"
-                             + "".join(f", and may have {key!r}" for key in optional)
+        partial, why = PARTIAL_KEYS[kind]
+        if set(found) == set(partial):
+            keys = partial
+        elif not set(keys) <= set(found) <= set(keys) | set(optional):
+            raise ValueError(f"{kind} must have keys {list(keys)}, or {list(partial)} {why} "
+                             "(or be empty)"
+                             + "".join(f"; with all of them it may have {key!r}"
+                                       for key in optional)
                              + f"; missing {sorted(set(keys) - set(found))}, unexpected "
                              f"{sorted(set(found) - set(keys) - set(optional))}")
         entries += [((names or {}).get(key, f"{kind}[{key!r}]"), found[key],
@@ -194,6 +213,60 @@ def _check_training(training) -> None:
     else:
         hint = ""
     raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
+
+
+def _mode(mode, training: bool, state) -> tuple[bool, bool]:
+    """Whether the batch's own statistics normalize, and whether the running state learns
+    from them, in ``mode``."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {list(MODES)}; got {mode!r}")
+    if mode not in MODES:
+        hint = ""
+        if mode in ("ema", "batch"):
+            hint = (": eqx.nn.BatchNorm's mode chooses how it averages, where jbn averages as "
+                    "PyTorch does; leave mode out")
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}{hint}")
+    if mode == "frozen":
+        if not state:
+            raise ValueError("mode='frozen' normalizes with the running statistics, and state "
+                             "is {} (track_running_stats=False): pass a state with running "
+                             "statistics")
+        return False, False
+    if mode == "untracked":
+        return True, False
+    if training and state:
+        _check_learnable(state)
+    return training or not state, training and bool(state)
+
+
+def _check_learnable(state) -> None:
+    """A state that training updates has its batch count, and running statistics of at least
+    float32: at momentum 0.01 a bfloat16 running mean's updates fall below half a unit of its
+    last place and round away (python -m benchmarks.running_stats)."""
+    if "num_batches_tracked" not in state:
+        raise ValueError(
+            "state has no 'num_batches_tracked': it is a frozen layer's (FrozenBatchNorm2d keeps "
+            "none), which training does not update. Normalize with it (training=False, or "
+            "mode='frozen'), or give it a count to train it: {**state, "
+            "'num_batches_tracked': jnp.zeros((), jnp.int32)}")
+    for key in ("running_mean", "running_var"):
+        dtype = jnp.dtype(state[key].dtype)
+        if jnp.finfo(dtype).bits < 32:
+            raise ValueError(
+                f"state[{key!r}] is {dtype}, and training updates it: its small updates would "
+                "round away (at momentum 0.01, a bfloat16 running mean stops far short of the "
+                "data's mean). Keep the running statistics in float32, as jbn.init does for "
+                "params of any dtype: cast running_mean and running_var with "
+                ".astype(jnp.float32)")
+
+
+def _affine(params, *, frozen: bool) -> tuple[Array | None, Array | None]:
+    """``weight`` and ``bias``, or None without affine; a zero bias for a weight alone
+    (PyTorch's ``bias=False``); constants to the derivative in a frozen layer."""
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is not None and bias is None:
+        bias = jnp.zeros_like(weight)
+    return lax.stop_gradient((weight, bias)) if frozen else (weight, bias)
 
 
 def _array_x(x, axis_name) -> Array:
@@ -404,17 +477,17 @@ def _accumulation(steps, pooling, state, accumulates: bool,
     return int(steps), pooling == "micro-batches"
 
 
-def _given_statistics(statistics, channels, training, state) -> tuple[Array, Array] | None:
+def _given_statistics(statistics, channels, batch_statistics) -> tuple[Array, Array] | None:
     """``statistics``' (mean, var), where they normalize in place of the batch's own."""
     if statistics is None:
         return None
     if not isinstance(statistics, Mapping) or not {"mean", "var"} <= set(statistics):
         raise TypeError("statistics must be a dict with 'mean' and 'var' (biased), as "
                         f"jbn.batch_statistics returns, got {statistics!r}")
-    if not training and state:
+    if not batch_statistics:
         raise ValueError("statistics normalize in place of the batch's own, in training; in "
-                         "eval the running statistics normalize: pass training=True, or "
-                         "statistics=None")
+                         "eval the running statistics normalize (and in mode='frozen'): pass "
+                         "training=True, or statistics=None")
     for key in ("mean", "var"):
         value = statistics[key]
         if (not hasattr(value, "shape") or tuple(value.shape) != (channels,)

@@ -1,11 +1,11 @@
 """What models of many batch norms share: layer paths, the check that every state was
-threaded, and the keywords a framework layer passes on to ``batchnorm``."""
+threaded, and what the framework layers share."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Hashable, Mapping
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +13,18 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbn._batchnorm import batchnorm
 from jbn._call import check_layer
 
-# The keywords of batchnorm that a layer fixes when it is built; mask changes with each
-# batch, so the layer takes it per call. Read from the signature, so that a new keyword of
-# batchnorm passes through the layers with no change to them.
-LAYER_KEYWORDS = tuple(name for name, parameter in inspect.signature(batchnorm).parameters.items()
-                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "mask")
+
+class _LayerValue:
+    """The default of a framework layer's per-call keyword: the value it was built with."""
+
+    def __repr__(self) -> str:
+        return "<the layer's>"
+
+
+# Typed Any so that it may stand as the default of a keyword of any type.
+LAYER: Any = _LayerValue()
 
 
 def stale_layers(before: Any, after: Any) -> list[str]:
@@ -53,20 +57,22 @@ def stale_layers(before: Any, after: Any) -> list[str]:
 def reset_running_stats(states: Any) -> Any:
     """Every batch norm's running state as ``jbn.init`` makes it, for recalibration.
 
-    ``running_mean`` zeros, ``running_var`` ones, ``num_batches_tracked`` 0, each with its
-    dtype; any other leaf is returned as it is. With the weights fixed, K training-mode calls
-    with ``momentum=None`` from this state then give the cumulative average of the K batches'
-    statistics (PreciseBN; Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
-    arXiv:2105.07576): ``running_mean = (1/K) Σ mean_b``, ``running_var = (1/K) Σ s²_b``, each
-    ``s²_b`` the batch's unbiased variance. For batches of equal counts the mean is that of
-    all their values, and the variance the pooled within-batch variance. Each batch weighs
-    1/K whatever its count (unequal sizes, masks). A batch with fewer than 2 valid values
-    counts but adds no statistics: its share goes to the batches before it (to the fresh
-    0 and 1 if it comes first).
+    ``running_mean`` zeros, ``running_var`` ones, ``num_batches_tracked`` 0 and an accumulator
+    empty, each with its dtype; any other leaf is returned as it is. With the weights fixed,
+    K training-mode calls with ``momentum=None`` from this state then give the cumulative
+    average of the K batches' statistics (PreciseBN; Wu & Johnson 2021, "Rethinking 'Batch'
+    in BatchNorm", arXiv:2105.07576): ``running_mean = (1/K) Σ mean_b``,
+    ``running_var = (1/K) Σ s²_b``, each ``s²_b`` the batch's unbiased variance. For batches
+    of equal counts the mean is that of all their values, and the variance the pooled
+    within-batch variance. Each batch weighs 1/K whatever its count (unequal sizes, masks).
+    A batch with fewer than 2 valid values counts but adds no statistics: its share goes to
+    the batches before it (to the fresh 0 and 1 if it comes first).
 
     Args:
       states: one layer's state or any pytree of them, such as ``from_torch_model``'s
-        path → state dict or a nested dict mirroring the model; ``{}`` stays ``{}``.
+        path → state dict or a nested dict mirroring the model; ``{}`` stays ``{}``, and so
+        does a frozen layer's state (without ``num_batches_tracked``), which training does
+        not update and recalibration could not restore.
 
     Returns:
       The same structure with fresh running statistics.
@@ -75,15 +81,17 @@ def reset_running_stats(states: Any) -> Any:
     it with ``momentum=None``.
     """
     fresh = {"running_mean": jnp.zeros_like, "running_var": jnp.ones_like,
-             "num_batches_tracked": jnp.zeros_like}
+             "num_batches_tracked": jnp.zeros_like,
+             # the micro-batches of a step under way go too
+             "accumulator": lambda accumulator: jax.tree.map(jnp.zeros_like, accumulator)}
 
-    def reset(path, leaf):
-        keys = [getattr(key, "key", None) for key in path]
-        if "accumulator" in keys:  # the micro-batches of a step under way go too
-            return jnp.zeros_like(leaf)
-        return fresh[keys[-1]](leaf) if keys and keys[-1] in fresh else leaf
+    def reset(node):
+        if not _is_tracked(node):
+            return node
+        return {key: fresh[key](value) if key in fresh else value
+                for key, value in node.items()}
 
-    return jax.tree_util.tree_map_with_path(reset, states)
+    return jax.tree.map(reset, states, is_leaf=_is_tracked)
 
 
 def sync_running_stats(states: Any, axis_name: Hashable | tuple[Hashable, ...], *,
@@ -135,14 +143,19 @@ def _is_state(node: Any) -> bool:
     return isinstance(node, Mapping) and "running_mean" in node
 
 
+def _is_tracked(node: Any) -> bool:
+    """A state that training updates: a frozen layer's has no ``num_batches_tracked``."""
+    return isinstance(node, Mapping) and "num_batches_tracked" in node
+
+
 def _progress(states: Any) -> list[tuple[str, tuple[np.ndarray, np.ndarray | None]]]:
     """Each layer's path, ``num_batches_tracked`` and its accumulator's ``micro_batches``
     (None without one), found by their keys."""
-    found = jax.tree.leaves_with_path(states, is_leaf=_is_state)
+    found = jax.tree.leaves_with_path(states, is_leaf=_is_tracked)
     return [(dotted(keys), (np.asarray(state["num_batches_tracked"]),
                             None if "accumulator" not in state
                             else np.asarray(state["accumulator"]["micro_batches"])))
-            for keys, state in found if _is_state(state)]
+            for keys, state in found if _is_tracked(state)]
 
 
 def dotted(keys) -> str:
@@ -151,20 +164,10 @@ def dotted(keys) -> str:
     return ".".join(str(name) for name in names)
 
 
-def layer_keywords(layer: str, keywords: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The ``batchnorm`` keywords given to a layer, checked by name, as hashable pairs (a
-    layer's static configuration must be hashable under ``jax.jit``); their values are
-    checked by ``batchnorm`` itself."""
-    unknown = sorted(set(keywords) - set(LAYER_KEYWORDS))
-    if unknown:
-        raise TypeError(f"{layer} got unexpected keyword arguments {unknown}; it takes the "
-                        f"keywords of jbn.batchnorm {list(LAYER_KEYWORDS)}, and mask per call")
-    return tuple((name, _hashable(keywords[name])) for name in LAYER_KEYWORDS
-                 if name in keywords)
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+def hashable(value: Any) -> Any:
+    """``value`` with its lists as tuples: a layer's static configuration must be hashable
+    under ``jax.jit`` (``axis_index_groups=[[0, 1], [2, 3]]``)."""
+    return tuple(hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping[str, Any],
@@ -178,8 +181,9 @@ def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping
                              f"{sorted(set(built) - set(given))}, unknown "
                              f"{sorted(set(given) - set(built))}")
 
-    def layout(entries):
-        return {key: f"{jnp.result_type(value)}{list(jnp.shape(value))}"
+    def layout(entries):  # an accumulator's entries too
+        return {key: jax.tree.map(lambda array: f"{jnp.result_type(array)}"
+                                                f"{list(jnp.shape(array))}", value)
                 for key, value in entries.items()}
 
     for path, current in built.items():
@@ -192,3 +196,74 @@ def check_loadable(built: Mapping[str, tuple[Mapping, Mapping]], params: Mapping
             if layout(new) != layout(old):
                 raise ValueError(f"layer {path!r}: {name} has {layout(new)}, the layer was "
                                  f"built with {layout(old)}")
+
+
+class FoldReport(NamedTuple):
+    """What folding a model for inference did.
+
+    ``pairs``: ``(layer, batch norm)`` paths, each batch norm folded into the Conv or Linear
+    before it; ``left``: batch norm path → why it was left in place; ``max_difference``: the
+    largest absolute difference between the outputs of the folded and the unfolded model in
+    eval mode, on the input given."""
+
+    pairs: tuple[tuple[str, str], ...]
+    left: dict[str, str]
+    max_difference: float
+
+
+class Recording:
+    """One forward pass as the layers saw it: how often each ran, and which layer's output
+    each batch norm received (the very array object, so that anything computed in between,
+    an activation or a residual sum, breaks the pair)."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.outputs: list[tuple[str, Any]] = []
+        self.inputs: dict[str, tuple[str | None, int]] = {}  # batch norm → (source, x.ndim)
+        self.shared: set[str] = set()  # layers whose output another layer takes too
+
+    def layer(self, path: str, x: Any, output: Any) -> None:
+        self.calls[path] += 1
+        source = self._source(x)
+        if source is not None:
+            self.shared.add(source)
+        self.outputs.append((path, output))
+
+    def batchnorm(self, path: str, x: Any) -> None:
+        self.calls[path] += 1
+        self.inputs[path] = (self._source(x), x.ndim)
+
+    def _source(self, x: Any) -> str | None:
+        return next((layer for layer, output in self.outputs if output is x), None)
+
+    def plan(self, unfoldable: Mapping[str, Callable[[int], str | None]]
+             ) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+        """The pairs to fold and the batch norms to leave, with why; ``unfoldable`` maps
+        each batch norm's path to what says, from the rank of its input, why it cannot be
+        folded into the layer before it (None: it can)."""
+        sources = Counter(source for source, _ in self.inputs.values())
+        pairs, left = [], {}
+        for path, why_not in unfoldable.items():
+            source, ndim = self.inputs.get(path, (None, 0))
+            if self.calls[path] != 1:
+                why = ("did not run on the given input" if not self.calls[path] else
+                       "runs more than once")
+            elif source is None:
+                why = "does not directly follow a Conv or Linear"
+            elif self.calls[source] > 1 or sources[source] > 1 or source in self.shared:
+                why = f"follows {source!r}, whose output is not its alone"
+            else:
+                why = why_not(ndim)
+            if why is None:
+                pairs.append((source, path))
+            else:
+                left[path] = why
+        self.outputs.clear()  # arrays of a trace, which must not outlive it
+        return tuple(pairs), left
+
+
+def max_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference between the leaves of two pytrees of arrays."""
+    return max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+                if np.size(x)), default=0.0)

@@ -5,99 +5,197 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
-from jbn._layers import check_loadable, dotted, layer_keywords
+from jbn._call import LAYER_STATE_KEYS, PARAM_KEYS
+from jbn._layers import (
+    LAYER,
+    FoldReport,
+    Recording,
+    check_loadable,
+    dotted,
+    hashable,
+    max_difference,
+)
+from jbn.interop.folding import fold_into
 
-__all__ = ["BatchNorm", "get_layers", "set_layers"]
+try:
+    import equinox as eqx
+except ModuleNotFoundError as error:
+    if error.name != "equinox":
+        raise
+    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Equinox, which is not "
+                              "installed: pip install 'jbn[equinox]'", name=error.name) from error
+
+__all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
-    """``jbn.batchnorm`` as an Equinox layer: PyTorch's batch norm, state in ``eqx.nn.State``.
+    """``jbn.batchnorm`` as an Equinox layer: PyTorch's batch norm with
+    ``eqx.nn.BatchNorm``'s arguments and conventions, state in ``eqx.nn.State``.
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
 
-    In training (``inference=False``) the batch's statistics normalize and
+    As ``eqx.nn.BatchNorm``, the layer sees one example ``(C, ...)``, channel axis 0, the
+    batch being a ``jax.vmap`` (or ``pmap``) axis named ``axis_name``. In training
+    (``inference=False``) the batch's statistics normalize and
     ``running ← (1 − momentum)·running + momentum·batch`` with the unbiased batch variance,
     ``num_batches_tracked += 1``; in inference (``eqx.nn.inference_mode(model)``) the
-    running statistics normalize, or the batch's own without running statistics.
-    Everything is ``jbn.batchnorm``'s, which this calls.
+    running statistics normalize, which needs no bound axis: a model runs on one example,
+    or under ``jax.vmap`` without ``axis_name``. ``mode`` changes that as
+    ``jbn.batchnorm``'s does: ``"untracked"`` normalizes with the batch in both and leaves
+    the state, ``"frozen"`` with the running statistics in both, its weight and bias then
+    kept in the ``eqx.nn.State`` (the fields are None), out of reach of
+    ``eqx.filter(model, eqx.is_inexact_array)``. Everything is ``jbn.batchnorm``'s, which
+    this calls. Called on a whole batch ``(N, C, ...)`` instead, it takes ``axis=1`` and
+    ``axis_name=None``.
 
-    The batch is either an axis of ``x`` (call the layer on ``(N, C, ...)``, ``axis=1``,
-    the default) or, as with ``eqx.nn.BatchNorm``, a ``jax.vmap`` axis: call it on one
-    example ``(C, ...)`` inside ``jax.vmap(..., axis_name="batch", in_axes=(0, None),
-    out_axes=(0, None))`` with ``axis=0, axis_name="batch"``.
-
-    Fields ``weight``, ``bias`` (None without affine) and the state
+    Fields ``weight``, ``bias`` (None without them, or when frozen) and the state
     ``{"running_mean", "running_var", "num_batches_tracked"}`` have PyTorch's names; build
-    with ``eqx.nn.make_with_state(BatchNorm)(C, ...)`` for the initial ``eqx.nn.State``.
+    with ``eqx.nn.make_with_state(BatchNorm)(C, "batch", ...)`` for the initial
+    ``eqx.nn.State``.
 
     Args:
-      num_features: C, the number of channels.
-      affine: whether there are a learnable ``weight`` and ``bias``.
-      track_running_stats: whether there are running statistics for inference.
-      dtype: floating dtype of the parameters and running statistics.
-      inference: the mode, switched by ``eqx.nn.inference_mode``.
-      **keywords: ``jbn.batchnorm``'s keywords, passed on to each call: ``momentum``
-        (0.1, PyTorch's convention), ``eps`` (1e-5), ``axis`` (1), ``axis_name``,
-        ``axis_index_groups``, ``renorm``, ``virtual_batch_size``.
+      input_size: C, the number of channels.
+      axis_name: the name of the mapped batch axis, as ``eqx.nn.BatchNorm``'s (a tuple for
+        several); None only for a whole batch (``axis`` ≠ 0) or a frozen layer.
+      eps: added to the variance.
+      channelwise_affine: whether there are a learnable ``weight`` and ``bias``.
+      momentum: the weight of the *new batch* (PyTorch's convention, default 0.1), or None
+        for the cumulative average: ``eqx.nn.BatchNorm``'s 0.99 is 0.01 here.
+      inference: the phase, switched by ``eqx.nn.inference_mode``.
+      dtype: the dtype of ``weight`` and ``bias`` (Equinox's meaning; float64 with
+        ``jax_enable_x64``, float32 otherwise). The running statistics are float32, or
+        float64 for float64 params; ``y`` has ``x``'s dtype.
+      axis: the channel axis: 0 for one example, 1 for a whole batch ``(N, C, ...)``.
+      use_bias: with ``channelwise_affine``, whether there is a ``bias`` (PyTorch's
+        ``bias``).
+      track_running_stats: whether there are running statistics (PyTorch's argument).
+      mode: ``"tracked"``, ``"untracked"`` or ``"frozen"``, as ``jbn.batchnorm``'s.
+      axis_index_groups, renorm, virtual_batch_size: as ``jbn.batchnorm``'s; ``renorm``
+        may hold arrays, which are traced under ``eqx.filter_jit``.
+      group_size: None or k: statistics per group of k examples (or devices) along
+        ``axis_name``.
+      accumulation_steps, accumulation_pooling: None or k: the running statistics learn
+        once every k training calls, from the statistics of all k micro-batches (pooled as
+        ``accumulation_pooling`` says); the state then also holds ``"accumulator"``. As
+        ``jbn.batchnorm``'s.
 
     Raises:
-      TypeError: for a keyword ``jbn.batchnorm`` does not have; bad values raise when the
-        layer is called, as ``jbn.batchnorm`` does.
+      ValueError: for ``axis=0`` without ``axis_name`` (one example alone has no batch to
+        take statistics over); bad values of the others raise when the layer is called, as
+        ``jbn.batchnorm`` does.
 
-    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...,
-    momentum=..., eps=...)``. Equinox: ``eqx.nn.BatchNorm`` with ``momentum = 1 − jbn
-    momentum``, but a biased running variance and its own ``mode`` rules.
+    Equinox: ``eqx.nn.BatchNorm(mode="batch")`` with ``momentum = 1 − jbn momentum``, but an
+    unbiased running variance (n/(n − 1) times Equinox's) and no debiasing at inference
+    (PyTorch's running statistics, from 0 and 1). PyTorch: ``torch.nn.BatchNorm{1,2,3}d``;
+    ``mode="frozen"``: torchvision's ``FrozenBatchNorm2d``.
     """
 
     weight: Array | None
     bias: Array | None
     state_index: eqx.nn.StateIndex | None
     inference: bool
-    keywords: tuple[tuple[str, Any], ...] = eqx.field(static=True)
+    renorm: tuple[ArrayLike, ArrayLike] | None  # arrays here are traced: no recompiling
+    input_size: int = eqx.field(static=True)
+    axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    axis: int = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+    virtual_batch_size: int | None = eqx.field(static=True)
+    group_size: int | None = eqx.field(static=True)
+    accumulation_steps: int | None = eqx.field(static=True)
+    accumulation_pooling: str = eqx.field(static=True)
 
     def __init__(
         self,
-        num_features: int,
-        *,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        dtype: DTypeLike = jnp.float32,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable] | None = None,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float | None = 0.1,
         inference: bool = False,
-        **keywords: Any,
+        dtype: DTypeLike | None = None,
+        *,
+        axis: int = 0,
+        use_bias: bool = True,
+        track_running_stats: bool = True,
+        mode: Literal["tracked", "untracked", "frozen"] = "tracked",
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        renorm: tuple[ArrayLike, ArrayLike] | None = None,
+        virtual_batch_size: int | None = None,
+        group_size: int | None = None,
+        accumulation_steps: int | None = None,
+        accumulation_pooling: Literal["union", "micro-batches"] = "union",
     ):
-        self.keywords = layer_keywords("jbn.equinox.BatchNorm", keywords)
-        params, state = init(num_features, affine=affine,
-                             track_running_stats=track_running_stats, dtype=dtype)
+        if axis_name is None and axis == 0 and mode != "frozen":
+            raise ValueError(
+                "axis=0 is the channel axis of one example, whose batch is a jax.vmap axis: "
+                "name it (axis_name='batch', as eqx.nn.BatchNorm takes it), or pass axis=1 to "
+                "call the layer on a whole batch (N, C, ...)")
+        params, state = init(input_size, affine=channelwise_affine, bias=use_bias,
+                             track_running_stats=track_running_stats,
+                             dtype=jnp.result_type(float) if dtype is None else dtype,
+                             accumulation_steps=accumulation_steps)
+        if mode == "frozen":
+            # Weight and bias are constants, as FrozenBatchNorm2d's buffers: in the state,
+            # where no filter for trainable arrays finds them; and no batch count.
+            state = {**params, **state}
+            state.pop("num_batches_tracked", None)
+            params = {}
         self.weight, self.bias = params.get("weight"), params.get("bias")
         self.state_index = eqx.nn.StateIndex(state) if state else None
         self.inference = inference
+        self.renorm = renorm
+        self.input_size = input_size
+        self.axis_name = hashable(axis_name)
+        self.eps = eps
+        self.momentum = momentum
+        self.axis = axis
+        self.mode = mode
+        self.axis_index_groups = hashable(axis_index_groups)
+        self.virtual_batch_size = virtual_batch_size
+        self.group_size = group_size
+        self.accumulation_steps = accumulation_steps
+        self.accumulation_pooling = accumulation_pooling
 
     def __call__(
         self,
         x: Array,
         state: eqx.nn.State,
         *,
-        mask: Array | None = None,
         key: Any = None,
         inference: bool | None = None,
+        mask: Array | None = None,
+        momentum: float | None = LAYER,
+        renorm: tuple[ArrayLike, ArrayLike] | None = LAYER,
+        statistics: Mapping[str, Array] | None = None,
     ) -> tuple[Array, eqx.nn.State]:
-        """Normalizes ``x``, and in training returns the state with new running statistics.
+        """Normalizes ``x``, and where the running statistics learn returns the state with
+        new ones.
 
         Args:
-          x: floating array, channel at the layer's ``axis``.
+          x: floating array, channel at the layer's ``axis``: ``(C, ...)`` by default.
           state: the model's ``eqx.nn.State``.
-          mask: boolean, as ``jbn.batchnorm``'s: False positions enter no statistic.
           key: ignored, as by Equinox's layers without randomness.
-          inference: overrides the layer's mode for this call.
+          inference: overrides the layer's phase for this call.
+          mask: boolean, as ``jbn.batchnorm``'s: False positions enter no statistic (under
+            ``vmap``, each example's mask is a scalar or its non-channel shape).
+          momentum, renorm: override the layer's for this call (a ``renorm`` schedule of
+            traced values under ``eqx.filter_jit`` compiles once).
+          statistics: None, or ``{"mean", "var"}`` (``jbn.batch_statistics``'s) that
+            normalize in place of the batch's own, as ``jbn.batchnorm``'s.
 
         Returns:
           ``(y, state)``.
@@ -105,22 +203,37 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         if inference is None:
             inference = self.inference
-        y, new = batchnorm(self.params, self.layer_state(state), x, not inference, mask=mask,
-                           **dict(self.keywords))
-        # Only training changes the state; setting it would also invalidate the caller's.
-        if self.state_index is not None and not inference:
+        params, layer_state = self.layer_params(state), self.layer_state(state)
+        y, new = batchnorm(
+            params, layer_state, x, not inference, mode=self.mode,
+            momentum=self.momentum if momentum is LAYER else momentum, eps=self.eps,
+            axis=self.axis, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, group_size=self.group_size,
+            renorm=self.renorm if renorm is LAYER else renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            accumulation_steps=self.accumulation_steps,
+            accumulation_pooling=self.accumulation_pooling, statistics=statistics)
+        # Only an update changes the state; setting it would also invalidate the caller's.
+        if new is not layer_state:
             state = state.set(self.state_index, new)
         return y, state
 
-    @property
-    def params(self) -> Params:
-        """``{"weight", "bias"}``, or ``{}``: the layer's jbn params."""
-        return {} if self.weight is None else {"weight": self.weight, "bias": self.bias}
+    def layer_params(self, state: eqx.nn.State) -> Params:
+        """``{"weight", "bias"}``, ``{"weight"}`` or ``{}``: the layer's jbn params, from its
+        fields, or from the model's ``eqx.nn.State`` for a frozen layer."""
+        if self.mode == "frozen" and self.state_index is not None:
+            return {name: value for name, value in state.get(self.state_index).items()
+                    if name in PARAM_KEYS}
+        return {name: getattr(self, name) for name in PARAM_KEYS
+                if getattr(self, name) is not None}
 
     def layer_state(self, state: eqx.nn.State) -> State:
         """The layer's jbn state, from the model's ``eqx.nn.State``: ``{}`` without running
-        statistics."""
-        return {} if self.state_index is None else state.get(self.state_index)
+        statistics, and without ``num_batches_tracked`` for a frozen layer."""
+        if self.state_index is None:
+            return {}
+        return {name: value for name, value in state.get(self.state_index).items()
+                if name in LAYER_STATE_KEYS}
 
 
 def get_layers(model: Any, state: eqx.nn.State) -> tuple[dict[str, Params], dict[str, State]]:
@@ -140,7 +253,7 @@ def get_layers(model: Any, state: eqx.nn.State) -> tuple[dict[str, Params], dict
       running state or ``{}``, as ``jbn.from_torch_model`` returns them.
     """
     layers = _layers(model)
-    return ({path: layer.params for path, layer in layers.items()},
+    return ({path: layer.layer_params(state) for path, layer in layers.items()},
             {path: layer.layer_state(state) for path, layer in layers.items()})
 
 
@@ -170,20 +283,152 @@ def set_layers(
         ``dtype`` matching, e.g. float64 for a float64 PyTorch model).
     """
     layers = _layers(model)
-    check_loadable({path: (layer.params, layer.layer_state(state))
+    check_loadable({path: (layer.layer_params(state), layer.layer_state(state))
                     for path, layer in layers.items()}, params, layer_states, "layer_states")
     for path, layer in layers.items():
         if layer.state_index is not None:
-            state = state.set(layer.state_index, layer_states[path])
+            frozen = params[path] if layer.mode == "frozen" else {}
+            state = state.set(layer.state_index, {**frozen, **layer_states[path]})
 
     def load(keys, leaf):
         if not isinstance(leaf, BatchNorm) or leaf.weight is None:
             return leaf
         new = params[dotted(keys)]
-        return eqx.tree_at(lambda layer: (layer.weight, layer.bias), leaf,
-                           (new["weight"], new["bias"]))
+        names = [name for name in PARAM_KEYS if getattr(leaf, name) is not None]
+        return eqx.tree_at(lambda layer: [getattr(layer, name) for name in names], leaf,
+                           [new[name] for name in names])
 
     return jax.tree_util.tree_map_with_path(load, model, is_leaf=_is_layer), state
+
+
+class Folded(eqx.nn.StatefulLayer):
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x`` and
+    the state unchanged, whatever else the call passes (``inference``, ``mask``...)."""
+
+    def __call__(self, x: Array, state: eqx.nn.State | None = None, *args: Any,
+                 **kwargs: Any) -> tuple[Array, eqx.nn.State | None]:
+        """Returns ``(x, state)``."""
+        del args, kwargs
+        return x, state
+
+
+def fold_model(
+    model: Any,
+    state: eqx.nn.State,
+    x: Any,
+    *,
+    forward: Callable[[Any, eqx.nn.State, Any], Any] | None = None,
+) -> tuple[Any, FoldReport]:
+    """``model`` for inference, each ``jbn.equinox.BatchNorm`` that directly follows an
+    ``eqx.nn.Conv`` (1-D, 2-D, 3-D) or ``eqx.nn.Linear`` folded into it.
+
+    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
+              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
+              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
+
+    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
+    ``Folded``, which passes its input and the state through. Which batch norm follows
+    which layer is seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear
+    whose output array is the batch norm's input, each running once and that output going
+    to no other layer. Anything else stays as it was: an activation or a residual sum in
+    between, a batch norm that normalizes with batch statistics in eval (no running
+    statistics, or ``mode="untracked"``), or one over another axis than the layer's output
+    channels (axis 0 of one example). An elementwise use of the layer's output besides the
+    batch norm (``conv(x) + bn(conv(x))``) is not seen, and shows in the reported
+    difference.
+
+    Args:
+      model: an Equinox module (any pytree).
+      state: its ``eqx.nn.State``; the folded model takes the same (its folded batch norms'
+        entries are no longer read).
+      x: an input to run the model on, in inference mode.
+      forward: ``forward(model, state, x)`` returns the model's output (any pytree of
+        arrays); by default ``model(x, state)[0]``. A model of one example is run under
+        ``jax.vmap`` here, with or without ``axis_name`` (inference binds none). It is
+        traced once (``eqx.filter_eval_shape``) and run twice: pass it jitted
+        (``eqx.filter_jit``) to run compiled.
+
+    Returns:
+      ``(folded, report)``: the folded model, in inference mode, and a ``FoldReport``:
+      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
+      batch norm left in place and why; ``report.max_difference``, the largest absolute
+      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
+      of the folded multiply-add: see ``jbn.fold``).
+
+    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
+    Conv–BatchNorm pairs the same way.
+    """
+    forward = forward or (lambda model, state, x: model(x, state)[0])
+    reference = eqx.nn.inference_mode(model)
+    recording = Recording()
+    recorded = _map_foldable(reference, lambda path, layer: _Recorded(layer, path, recording))
+    eqx.filter_eval_shape(forward, recorded, state, x)  # tracing is all the recording needs
+    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer, state)
+                                  for path, layer in _layers(reference).items()})
+    batchnorms = _layers(reference)
+    following = dict(pairs)  # layer path → the batch norm folded into it
+
+    def fold(path, node):
+        if path in following.values():
+            return Folded()
+        if path not in following:
+            return node
+        batchnorm = batchnorms[following[path]]
+        bias = None if node.bias is None else node.bias.reshape(-1)
+        kernel, bias = fold_into(node.weight, bias, batchnorm.layer_params(state),
+                                 batchnorm.layer_state(state),
+                                 layout="oi" + "s" * (node.weight.ndim - 2), eps=batchnorm.eps)
+        folded = copy.copy(node)
+        # use_bias is a static field, which eqx.tree_at cannot change; the copy is ours.
+        object.__setattr__(folded, "use_bias", True)
+        object.__setattr__(folded, "weight", kernel)
+        object.__setattr__(folded, "bias", bias.reshape(bias.shape + (1,) * (kernel.ndim - 2)))
+        return folded
+
+    folded = _map_foldable(reference, fold)
+    return folded, FoldReport(pairs, left, max_difference(forward(reference, state, x),
+                                                          forward(folded, state, x)))
+
+
+class _Recorded(eqx.nn.StatefulLayer):
+    """A layer of the model, run as it is, whose call ``fold_model`` records."""
+
+    layer: Any
+    path: str = eqx.field(static=True)
+    recording: Recording = eqx.field(static=True)
+
+    def is_stateful(self) -> bool:
+        return isinstance(self.layer, BatchNorm)
+
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(self.layer, BatchNorm):
+            self.recording.batchnorm(self.path, x)
+            return self.layer(x, *args, **kwargs)
+        y = self.layer(x, *args, **kwargs)
+        self.recording.layer(self.path, x, y)
+        return y
+
+
+def _is_foldable(node: Any) -> bool:
+    return isinstance(node, (eqx.nn.Conv, eqx.nn.Linear, BatchNorm))
+
+
+def _map_foldable(model: Any, replace: Callable[[str, Any], Any]) -> Any:
+    """``model`` with each Conv, Linear and jbn batch norm replaced by ``replace(path, it)``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, node: replace(dotted(keys), node) if _is_foldable(node) else node, model,
+        is_leaf=_is_foldable)
+
+
+def _unfoldable(layer: BatchNorm, state: eqx.nn.State, ndim: int) -> str | None:
+    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
+    if not layer.layer_state(state) or layer.mode == "untracked":
+        return ("normalizes with the batch's statistics in eval (no running statistics, or "
+                "mode 'untracked')")
+    if layer.axis % ndim != 0:
+        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
+                "channels first")
+    return None
 
 
 def _is_layer(node: Any) -> bool:

@@ -5,21 +5,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal
 
 import jax.numpy as jnp
-from flax import nnx
 from jax import Array
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jbn._batchnorm import Params, State, batchnorm, init
-from jbn._layers import check_loadable, dotted, layer_keywords
+from jbn._call import LAYER_STATE_KEYS, PARAM_KEYS
+from jbn._layers import (
+    LAYER,
+    FoldReport,
+    Recording,
+    check_loadable,
+    dotted,
+    hashable,
+    max_difference,
+)
+from jbn.interop.folding import fold_into
 
-__all__ = ["BatchNorm", "get_layers", "set_layers"]
+try:
+    from flax import nnx
+except ModuleNotFoundError as error:
+    if error.name != "flax":
+        raise
+    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Flax NNX, which is not "
+                              "installed: pip install 'jbn[flax]'", name=error.name) from error
+
+__all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
 
 class BatchNorm(nnx.Module):
-    """``jbn.batchnorm`` as an NNX module: PyTorch's batch norm, state kept by NNX.
+    """``jbn.batchnorm`` as an NNX module: PyTorch's batch norm with ``nnx.BatchNorm``'s
+    arguments and conventions, state kept by NNX.
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\, w + b
 
@@ -27,90 +47,168 @@ class BatchNorm(nnx.Module):
     normalize and ``running ← (1 − momentum)·running + momentum·batch`` with the unbiased
     batch variance, ``num_batches_tracked += 1``; in eval (``use_running_average=True``,
     ``model.eval()``, ``nnx.view(model, use_running_average=True)``) the running
-    statistics normalize, or the batch's own without running statistics. Everything is
-    ``jbn.batchnorm``'s, which this calls.
+    statistics normalize, or the batch's own without running statistics. ``mode`` changes
+    that as ``jbn.batchnorm``'s does: ``"untracked"`` normalizes with the batch in both and
+    leaves the state, ``"frozen"`` with the running statistics in both, its weight and bias
+    then ``nnx.BatchStat`` constants that an optimizer over ``nnx.Param`` leaves alone.
+    Everything is ``jbn.batchnorm``'s, which this calls.
 
     Attributes ``weight``, ``bias`` (``nnx.Param``) and ``running_mean``, ``running_var``,
     ``num_batches_tracked`` (``nnx.BatchStat``) have PyTorch's names; those the layer was
-    built without are None.
+    built without are None. The arguments are attributes too: change ``momentum`` or
+    ``renorm`` between steps, or pass them per call.
 
     Args:
       num_features: C, the number of channels.
-      affine: whether there are a learnable ``weight`` and ``bias``.
-      track_running_stats: whether there are running statistics for eval mode.
-      dtype: floating dtype of the parameters and running statistics.
-      use_running_average: the mode, switched by ``train()``/``eval()``/``nnx.view``.
-      **keywords: ``jbn.batchnorm``'s keywords, passed on to each call: ``momentum``
-        (0.1, PyTorch's convention), ``eps`` (1e-5), ``axis`` (1: channels first, unlike
-        ``nnx.BatchNorm``'s -1), ``axis_name``, ``axis_index_groups``, ``renorm``,
-        ``virtual_batch_size``.
+      use_running_average: the phase, switched by ``train()``/``eval()``/``nnx.view``.
+      axis: the channel axis, -1 as ``nnx.BatchNorm`` (NHWC after ``nnx.Conv``).
+      momentum: the weight of the *new batch* (PyTorch's convention, default 0.1), or None
+        for the cumulative average: ``nnx.BatchNorm``'s 0.99 is 0.01 here.
+      epsilon: added to the variance.
+      dtype: the dtype ``x`` is cast to and ``y`` has; None keeps ``x``'s (Flax promotes
+        ``x`` with the float32 statistics instead, so that a bfloat16 ``x`` gives a float32
+        ``y`` there).
+      param_dtype: the dtype of ``weight`` and ``bias``. The running statistics are float32,
+        or float64 for float64 params.
+      use_bias, use_scale: whether there is a ``bias``, a ``weight``; a bias without a
+        weight is not supported.
+      axis_name, axis_index_groups: the mapped axes whose devices or examples share the
+        statistics, as ``jbn.batchnorm``'s.
+      track_running_stats: whether there are running statistics (PyTorch's argument).
+      mode: ``"tracked"``, ``"untracked"`` or ``"frozen"``, as ``jbn.batchnorm``'s.
+      renorm: None or ``(rmax, dmax)``: batch renormalization, numbers or arrays.
+      virtual_batch_size: None or k: ghost batch norm.
+      group_size: None or k: statistics per group of k devices along ``axis_name``.
+      accumulation_steps, accumulation_pooling: None or k: the running statistics learn
+        once every k training calls, from the statistics of all k micro-batches (pooled as
+        ``accumulation_pooling`` says); the layer then also holds ``accumulator``
+        (``nnx.BatchStat``). As ``jbn.batchnorm``'s.
+      rngs: ignored (nothing is random here), so that ``nnx.BatchNorm``'s call site works.
 
     Raises:
-      TypeError: for a keyword ``jbn.batchnorm`` does not have; bad values raise when the
-        layer is called, as ``jbn.batchnorm`` does.
+      ValueError: for ``use_bias=True`` with ``use_scale=False``; bad values of the others
+        raise when the layer is called, as ``jbn.batchnorm`` does.
 
-    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, affine=..., track_running_stats=...,
-    momentum=..., eps=...)``. Flax: ``nnx.BatchNorm`` with ``momentum = 1 − jbn momentum``,
-    but a biased running variance and no cumulative average.
+    Flax: ``nnx.BatchNorm`` with ``momentum = 1 − jbn momentum``, but an unbiased running
+    variance (n/(n − 1) times Flax's) and the cumulative average for ``momentum=None``.
+    PyTorch: ``torch.nn.BatchNorm{1,2,3}d(num_features, eps=epsilon, momentum=...,
+    affine=use_scale, track_running_stats=..., bias=use_bias)`` with ``axis=1``;
+    ``mode="frozen"``: torchvision's ``FrozenBatchNorm2d``.
     """
 
     def __init__(
         self,
         num_features: int,
         *,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        dtype: DTypeLike = jnp.float32,
         use_running_average: bool = False,
-        **keywords: Any,
+        axis: int = -1,
+        momentum: float | None = 0.1,
+        epsilon: float = 1e-5,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        axis_name: Hashable | tuple[Hashable, ...] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        track_running_stats: bool = True,
+        mode: Literal["tracked", "untracked", "frozen"] = "tracked",
+        renorm: tuple[ArrayLike, ArrayLike] | None = None,
+        virtual_batch_size: int | None = None,
+        group_size: int | None = None,
+        accumulation_steps: int | None = None,
+        accumulation_pooling: Literal["union", "micro-batches"] = "union",
+        rngs: nnx.Rngs | None = None,
     ):
-        self.keywords = layer_keywords("jbn.nnx.BatchNorm", keywords)
-        params, state = init(num_features, affine=affine,
-                             track_running_stats=track_running_stats, dtype=dtype)
-        for name in ("weight", "bias"):
-            setattr(self, name, nnx.Param(params[name]) if params else nnx.data(None))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(self, name, nnx.BatchStat(state[name]) if state else nnx.data(None))
+        del rngs
+        if use_bias and not use_scale:
+            raise ValueError("use_bias=True with use_scale=False is a bias without a weight, "
+                             "which jbn does not have: use use_scale=True (a weight of ones "
+                             "computes the same) or use_bias=False")
+        params, state = init(num_features, affine=use_scale, bias=use_bias,
+                             track_running_stats=track_running_stats, dtype=param_dtype,
+                             accumulation_steps=accumulation_steps)
+        # A frozen layer's weight and bias are constants, as FrozenBatchNorm2d's buffers, and
+        # it counts no batches.
+        trainable = nnx.BatchStat if mode == "frozen" else nnx.Param
+        if mode == "frozen":
+            state.pop("num_batches_tracked", None)
+        for name in PARAM_KEYS:
+            setattr(self, name, trainable(params[name]) if name in params else nnx.data(None))
+        for name in LAYER_STATE_KEYS:
+            setattr(self, name, nnx.BatchStat(state[name]) if name in state else nnx.data(None))
         self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.axis_name = hashable(axis_name)
+        self.axis_index_groups = hashable(axis_index_groups)
+        self.mode = mode
+        self.renorm = nnx.data(renorm)  # arrays may be traced: a schedule does not recompile
+        self.virtual_batch_size = virtual_batch_size
+        self.group_size = group_size
+        self.accumulation_steps = accumulation_steps
+        self.accumulation_pooling = accumulation_pooling
 
     def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Array | None = None,
+        momentum: float | None = LAYER,
+        renorm: tuple[ArrayLike, ArrayLike] | None = LAYER,
+        statistics: Mapping[str, Array] | None = None,
     ) -> Array:
-        """Normalizes ``x``; in training, updates the running statistics in place.
+        """Normalizes ``x``; where the running statistics learn, updates them in place.
 
         Args:
           x: floating array, channel at the layer's ``axis``.
-          use_running_average: overrides the layer's mode for this call.
+          use_running_average: overrides the layer's phase for this call.
           mask: boolean, as ``jbn.batchnorm``'s: False positions enter no statistic.
+          momentum, renorm: override the layer's for this call (a ``renorm`` schedule of
+            traced values under ``nnx.jit`` compiles once).
+          statistics: None, or ``{"mean", "var"}`` (``jbn.batch_statistics``'s) that
+            normalize in place of the batch's own, as ``jbn.batchnorm``'s.
 
         Returns:
-          ``y``, of the shape and dtype of ``x``.
+          ``y``, of the shape of ``x`` and the layer's ``dtype`` (``x``'s by default).
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
-        y, state = batchnorm(self.params, self.state, x, not use_running_average, mask=mask,
-                             **dict(self.keywords))
-        if not use_running_average:  # only training changes the state
-            for name, value in state.items():
-                getattr(self, name)[...] = value
+        if self.dtype is not None:
+            x = jnp.asarray(x, self.dtype)
+        state = self.state
+        y, new_state = batchnorm(
+            self.params, state, x, not use_running_average, mode=self.mode,
+            momentum=self.momentum if momentum is LAYER else momentum, eps=self.epsilon,
+            axis=self.axis, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, group_size=self.group_size,
+            renorm=self.renorm if renorm is LAYER else renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            accumulation_steps=self.accumulation_steps,
+            accumulation_pooling=self.accumulation_pooling, statistics=statistics)
+        if new_state is not state:  # only an update: writing would add outputs to a trace
+            for name, value in new_state.items():
+                getattr(self, name).set_value(value)
         return y
 
     @property
     def params(self) -> Params:
-        """``{"weight", "bias"}`` as arrays, or ``{}``: the layer's jbn params."""
-        return {} if self.weight is None else {"weight": self.weight[...],
-                                               "bias": self.bias[...]}
+        """``{"weight", "bias"}`` as arrays, ``{"weight"}``, or ``{}``: the layer's jbn
+        params (constants in a frozen layer)."""
+        return {name: getattr(self, name)[...] for name in PARAM_KEYS
+                if getattr(self, name) is not None}
 
     @property
     def state(self) -> State:
-        """``{"running_mean", "running_var", "num_batches_tracked"}`` as arrays, or ``{}``."""
-        if self.running_mean is None:
-            return {}
-        return {name: getattr(self, name)[...]
-                for name in ("running_mean", "running_var", "num_batches_tracked")}
+        """``{"running_mean", "running_var", "num_batches_tracked"}`` as arrays (without the
+        count in a frozen layer; with ``"accumulator"`` where it accumulates), or ``{}``."""
+        return {name: getattr(self, name).get_value() for name in LAYER_STATE_KEYS
+                if getattr(self, name) is not None}
 
     def set_view(self, use_running_average: bool | None = None):
-        """Sets the mode for ``nnx.view(model, use_running_average=...)``."""
+        """Sets the phase for ``nnx.view(model, use_running_average=...)``."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -155,7 +253,134 @@ def set_layers(model: nnx.Module, params: dict[str, Params], state: dict[str, St
                    params, state, "state")
     for path, layer in layers.items():
         for name, value in {**params[path], **state[path]}.items():
-            getattr(layer, name)[...] = value
+            getattr(layer, name).set_value(value)
+
+
+class Folded(nnx.Module):
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x``
+    unchanged, whatever else the call passes (``use_running_average``, ``mask``...)."""
+
+    def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Array:
+        """Returns ``x``."""
+        del args, kwargs
+        return x
+
+
+def fold_model(
+    model: nnx.Module,
+    x: Any,
+    *,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+) -> tuple[nnx.Module, FoldReport]:
+    """A copy of ``model`` for inference, each ``jbn.nnx.BatchNorm`` that directly follows an
+    ``nnx.Conv`` or ``nnx.Linear`` folded into it.
+
+    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
+              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
+              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
+
+    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
+    ``Folded``, which passes its input through. Which batch norm follows which layer is
+    seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear whose output array
+    is the batch norm's input, each running once and that output going to no other layer.
+    Anything else stays as it was: an activation or a residual sum in between, a batch norm
+    that normalizes with batch statistics in eval (no running statistics, or
+    ``mode="untracked"``), or one over another axis than the layer's output channels. An
+    elementwise use of the layer's output besides the batch norm (``conv(x) + bn(conv(x))``)
+    is not seen, and shows in the reported difference.
+
+    Args:
+      model: an NNX module; it is left as it is.
+      x: an input to run the model on, in eval mode.
+      forward: ``forward(model, x)`` returns the model's output (any pytree of arrays);
+        ``model(x)`` by default. It is traced once (``nnx.eval_shape``) and run twice:
+        pass it jitted (``nnx.jit``) to run compiled.
+
+    Returns:
+      ``(folded, report)``: the folded copy, in eval mode, and a ``FoldReport``:
+      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
+      batch norm left in place and why; ``report.max_difference``, the largest absolute
+      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
+      of the folded multiply-add: see ``jbn.fold``).
+
+    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
+    Conv–BatchNorm pairs the same way.
+    """
+    forward = forward or (lambda model, x: model(x))
+    reference = nnx.clone(model)
+    reference.eval()
+    recording = Recording()
+    recorded = nnx.clone(reference)
+    for keys, module in _foldable(recorded):
+        _replace(recorded, keys, _Recorded(module, dotted(keys), recording))
+    nnx.eval_shape(forward, recorded, x)  # tracing is all the recording needs
+    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer)
+                                  for path, layer in _layers(reference).items()})
+    folded = nnx.clone(reference)
+    modules = {dotted(keys): (keys, module) for keys, module in _foldable(folded)}
+    for layer_path, batchnorm_path in pairs:
+        layer = modules[layer_path][1]
+        keys, batchnorm = modules[batchnorm_path]
+        kernel, bias = fold_into(layer.kernel[...],
+                                 None if layer.bias is None else layer.bias[...],
+                                 batchnorm.params, batchnorm.state,
+                                 layout="s" * (layer.kernel.ndim - 2) + "io",
+                                 eps=batchnorm.epsilon)
+        layer.kernel[...] = kernel
+        if layer.bias is None:
+            layer.bias, layer.use_bias = nnx.Param(bias), True
+        else:
+            layer.bias[...] = bias
+        _replace(folded, keys, Folded())
+    return folded, FoldReport(pairs, left, max_difference(forward(reference, x),
+                                                          forward(folded, x)))
+
+
+class _Recorded(nnx.Module):
+    """A layer of the model, run as it is, whose call ``fold_model`` records."""
+
+    def __init__(self, layer: nnx.Module, path: str, recording: Recording):
+        self.layer, self.path, self.recording = layer, path, recording
+
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(self.layer, BatchNorm):
+            self.recording.batchnorm(self.path, x)
+            return self.layer(x, *args, **kwargs)
+        y = self.layer(x, *args, **kwargs)
+        self.recording.layer(self.path, x, y)
+        return y
+
+
+def _foldable(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """The Conv, Linear and jbn batch norm modules of ``model``, with their key paths."""
+    return [(keys, module) for keys, module in nnx.iter_modules(model)
+            if isinstance(module, (nnx.Conv, nnx.Linear, BatchNorm))]
+
+
+def _unfoldable(layer: BatchNorm, ndim: int) -> str | None:
+    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
+    if not layer.state or layer.mode == "untracked":
+        return ("normalizes with the batch's statistics in eval (no running statistics, or "
+                "mode 'untracked')")
+    if layer.axis % ndim != ndim - 1:
+        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
+                "channels last")
+    return None
+
+
+def _replace(model: nnx.Module, keys: tuple, new: nnx.Module) -> None:
+    """Puts ``new`` where ``keys`` lead in ``model``: through attributes, list indices or
+    dict keys."""
+    def attribute(node, key):
+        return isinstance(key, str) and hasattr(node, key)
+
+    parent = model
+    for key in keys[:-1]:
+        parent = getattr(parent, key) if attribute(parent, key) else parent[key]
+    if attribute(parent, keys[-1]):
+        setattr(parent, keys[-1], new)
+    else:
+        parent[keys[-1]] = new
 
 
 def _layers(model: nnx.Module) -> dict[str, BatchNorm]:

@@ -1,4 +1,5 @@
-"""What several test files share: comparisons of trees and arrays, and running an example."""
+"""What several test files share: comparisons of trees and arrays, running an example, and
+torchvision's FrozenBatchNorm2d."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 EXAMPLE_TIMEOUT_S = 300
@@ -53,3 +55,36 @@ def run_example(name: str, *args: str) -> str:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return done.stdout
+
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision's ``FrozenBatchNorm2d`` (``torchvision/ops/misc.py``), under its module name.
+
+    torchvision is not installed beside the CPU build of torch (its wheels are CUDA builds),
+    so the class is written here as torchvision has it: weight, bias, running_mean and
+    running_var as buffers (nothing to train, and no ``num_batches_tracked``, which loading
+    drops), ``eps`` an attribute, and the folded ``x·scale + shift`` as its forward."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        w, b, rv, rm = (value.reshape(1, -1, 1, 1) for value in (
+            self.weight, self.bias, self.running_var, self.running_mean))
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+FrozenBatchNorm2d.__module__ = "torchvision.ops.misc"

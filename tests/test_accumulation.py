@@ -226,3 +226,48 @@ def test_stale_layers_and_reset_know_the_accumulator():
     assert jbn.stale_layers({"bn": after}, {"bn": after}) == ["bn"]
     fresh = jbn.reset_running_stats(after)
     assert_trees_close(fresh, state, rtol=0)
+
+
+def test_the_nnx_layer_accumulates_under_nnx_jit_and_commits_once_per_step():
+    from flax import nnx
+
+    import jbn.nnx
+
+    layer = jbn.nnx.BatchNorm(C, axis=1, param_dtype=jnp.float64, accumulation_steps=len(MICRO))
+    call = nnx.jit(lambda layer, x: layer(x))
+    fresh = layer.state
+    for i, x in enumerate(MICRO):
+        call(layer, jnp.asarray(x))
+        if i < len(MICRO) - 1:
+            assert_trees_close({k: v for k, v in layer.state.items() if k != "accumulator"},
+                               {k: v for k, v in fresh.items() if k != "accumulator"}, rtol=0)
+    torch_layer = torch.nn.BatchNorm1d(C).double()
+    torch_layer(torch.from_numpy(np.concatenate(MICRO)))
+    np.testing.assert_allclose(layer.running_mean[...], torch_layer.running_mean, **CLOSE)
+    np.testing.assert_allclose(layer.running_var[...], torch_layer.running_var, **CLOSE)
+    assert int(layer.num_batches_tracked[...]) == 1
+    params, states = jbn.nnx.get_layers(layer)
+    jbn.nnx.set_layers(layer, params, states)  # the accumulator loads back as it was built
+    assert set(jbn.to_torch_model(params, states)) == {
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_the_equinox_layer_accumulates_per_example_under_vmap():
+    import equinox as eqx
+
+    import jbn.equinox
+
+    micro = [x for x in MICRO if len(x)]
+    layer, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(
+        C, "batch", dtype=jnp.float64, accumulation_steps=len(micro))
+    call = eqx.filter_jit(jax.vmap(layer, axis_name="batch", in_axes=(0, None),
+                                   out_axes=(0, None)))
+    for x in micro:
+        _, state = call(jnp.asarray(x), state)
+    torch_layer = torch.nn.BatchNorm1d(C).double()
+    torch_layer(torch.from_numpy(np.concatenate(micro)))
+    learnt = jbn.equinox.get_layers(layer, state)[1][""]
+    np.testing.assert_allclose(learnt["running_mean"], torch_layer.running_mean, **CLOSE)
+    np.testing.assert_allclose(learnt["running_var"], torch_layer.running_var, **CLOSE)
+    assert int(learnt["num_batches_tracked"]) == 1
+    assert int(learnt["accumulator"]["micro_batches"]) == 0

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from benchmarks import __main__ as command
 from benchmarks import harness
@@ -89,3 +90,23 @@ def test_accuracy_tables_show_jbn_within_its_promise_but_in_the_documented_worst
         if row[0].startswith("all") and "+10σ" in row[0]:  # the accelerators' worst case
             assert ratios.pop("jbn, accelerator") > 1, row
         assert all(ratio <= 1 for ratio in ratios.values()), row
+
+
+def test_running_statistics_table_shows_float32_following_float64_and_half_precision_not(
+        capsys):
+    from benchmarks import running_stats
+
+    recorded = running_stats.RUNNING_STATS
+    before = recorded.stat().st_mtime_ns if recorded.exists() else None
+    running_stats.main()
+    [table] = markdown_tables(capsys.readouterr().out)
+    assert [row[:2] for row in table] == [row[:2] for row in markdown_tables(
+        recorded.read_text())[0]]  # the docs include the rows of this run
+    assert (recorded.stat().st_mtime_ns if recorded.exists() else None) == before
+    header, _, *rows = table
+    errors = {tuple(row[:2]): [float(cell.split(" (")[0]) for cell in row[2:]] for row in rows}
+    assert errors[("float32", "jbn.batchnorm")] == [
+        pytest.approx(0, abs=1e-5)] * len(running_stats.COLUMNS)
+    for (dtype, _), columns in errors.items():
+        if dtype in ("bfloat16", "float16"):  # stops short, where the noise is small
+            assert columns[0] > 1e-2, (dtype, columns)

@@ -62,14 +62,40 @@ BAD_CALLS = {
                   "examples x is one example, without its batch axis: for channels first, as "
                   "in (C,) or (C, L), pass axis=0")),
     "nan eps": (dict(eps=float("nan")), ValueError, r"eps.*nan"),
-    "params missing bias": (
-        dict(params={"weight": jnp.ones(3)}), ValueError, r"params.*missing \['bias'\]"),
+    "params with a bias alone": (
+        dict(params={"bias": jnp.zeros(3)}), ValueError,
+        exactly("params must have keys ['weight', 'bias'], or ['weight'] alone (PyTorch's "
+                "bias=False) (or be empty); missing ['weight'], unexpected []")),
     "params with extra key": (
         dict(params={**PARAMS, "scale": jnp.ones(3)}), ValueError,
         r"params.*unexpected \['scale'\]"),
-    "state missing count": (
+    "state with a running mean alone": (
+        dict(state={"running_mean": jnp.zeros(3)}), ValueError,
+        r"state must have keys \['running_mean', 'running_var', 'num_batches_tracked'\], or "
+        r"\['running_mean', 'running_var'\] alone \(a frozen layer's.*missing "
+        r"\['num_batches_tracked', 'running_var'\]"),
+    "training a state without a count": (
         dict(state={"running_mean": jnp.zeros(3), "running_var": jnp.ones(3)}), ValueError,
-        r"state.*missing \['num_batches_tracked'\]"),
+        re.escape("state has no 'num_batches_tracked': it is a frozen layer's "
+                  "(FrozenBatchNorm2d keeps none), which training does not update. Normalize "
+                  "with it (training=False, or mode='frozen'), or give it a count to train it: "
+                  "{**state, 'num_batches_tracked': jnp.zeros((), jnp.int32)}")),
+    "training a bfloat16 state": (
+        dict(state={**STATE, "running_var": STATE["running_var"].astype(jnp.bfloat16)}),
+        ValueError,
+        r"state\['running_var'\] is bfloat16, and training updates it: its small updates "
+        r"would round away.*\.astype\(jnp\.float32\)"),
+    "mode unknown": (dict(mode="eval"), ValueError,
+                     exactly("mode must be one of ['tracked', 'untracked', 'frozen'], got "
+                             "'eval'")),
+    "mode of Equinox": (dict(mode="batch"), ValueError,
+                        r"got 'batch': eqx\.nn\.BatchNorm's mode chooses how it averages"),
+    "mode not a str": (dict(mode=None), TypeError, r"mode must be a str.*got None"),
+    "frozen without running statistics": (
+        dict(state={}, mode="frozen"), ValueError,
+        r"mode='frozen' normalizes with the running statistics, and state is \{\}"),
+    "zero eps where untracked": (dict(eps=0.0, training=False, mode="untracked"), ValueError,
+                                 r"eps must be positive"),
     "params not a dict": (dict(params=[jnp.ones(3)]), TypeError, r"params must be a dict.*list"),
     "integer weight": (
         dict(params={"weight": jnp.ones(3, jnp.int32), "bias": jnp.zeros(3)}), ValueError,
@@ -254,8 +280,11 @@ def test_momentum_of_0_9_or_more_in_training_warns_of_the_convention(momentum):
 
 @pytest.mark.parametrize("kwargs", [dict(momentum=0.5), dict(momentum=None),
                                     dict(momentum=0.99, training=False),
-                                    dict(momentum=0.99, state={})],
-                         ids=["momentum 0.5", "momentum None", "eval", "no running statistics"])
+                                    dict(momentum=0.99, state={}),
+                                    dict(momentum=0.99, mode="untracked"),
+                                    dict(momentum=0.99, mode="frozen")],
+                         ids=["momentum 0.5", "momentum None", "eval", "no running statistics",
+                              "untracked", "frozen"])
 def test_no_momentum_warning_where_momentum_is_unused_or_below_0_9(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -213,3 +213,20 @@ def test_automatic_sharding_with_ghost_batches_of_a_group_communicates_within_it
     within = [(values, size) for values, size in reduces if values not in shared]
     assert all(size == group_size for _, size in within), reduces
     assert (within == []) == (group_size == 1), reduces
+
+
+def test_the_equinox_layer_groups_the_examples_of_its_vmap():
+    import equinox as eqx
+
+    import jbn.equinox
+
+    layer, state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(
+        X.shape[1], "batch", dtype=jnp.float64, group_size=4)
+    layer, state = jbn.equinox.set_layers(layer, state, {"": PARAMS}, {"": STATE})
+    y, state = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        X[:16], state)
+    expected_y, expected_state = reference.batchnorm(PARAMS, STATE, np.asarray(X[:16]), True,
+                                                     virtual_batch_size=4)
+    np.testing.assert_allclose(y, expected_y, **CLOSE)
+    assert_trees_close(jbn.equinox.get_layers(layer, state)[1][""],
+                       {k: np.asarray(v) for k, v in expected_state.items()}, **CLOSE)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import jbn
-from helpers import assert_close_ulps, assert_same_arrays
+from helpers import FrozenBatchNorm2d, assert_close_ulps, assert_same_arrays
 
 TORCH_BATCHNORMS = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 TORCH_CONVS = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
@@ -265,24 +265,45 @@ def test_from_torch_without_running_stats_gives_empty_state_and_matches_pytorch(
     assert jbn.to_torch(params, state).keys() == {"weight", "bias"}
 
 
-def test_from_torch_gives_a_zero_bias_to_a_layer_built_without_bias():
+def test_a_layer_built_without_bias_ports_as_its_weight_alone_and_back():
     bn = trained_torch_batchnorm(2, bias=False)
-    assert "bias" not in bn.state_dict()
     params, state = jbn.from_torch(bn.state_dict())
-    np.testing.assert_array_equal(params["bias"], np.zeros(C))
+    assert set(params) == {"weight"}  # no bias leaf for an optimizer to move
     x = torch_input(2, np.float64, seed=99).numpy()
     assert_close_ulps(jbn.batchnorm(params, state, jnp.asarray(x), False)[0], torch_eval(bn, x))
+    state_dict = jbn.to_torch(params, state)
+    assert_same_arrays(state_dict, {key: value.numpy() for key, value in bn.state_dict().items()})
+    torch.nn.BatchNorm2d(C, bias=False, dtype=torch.float64).load_state_dict(
+        as_tensors(state_dict), strict=True)
 
 
-def test_from_torch_counts_zero_batches_when_num_batches_tracked_is_missing_as_pytorch_does():
+def test_a_state_dict_without_a_count_round_trips_without_one_and_loads_into_pytorch():
     state_dict = dict(trained_torch_batchnorm(1).state_dict())
     del state_dict["num_batches_tracked"]  # as in older checkpoints
-    _, state = jbn.from_torch(state_dict)
+    params, state = jbn.from_torch(state_dict)
+    assert set(state) == {"running_mean", "running_var"}
+    written = jbn.to_torch(params, state)
+    assert_same_arrays(written, {key: value.numpy() for key, value in state_dict.items()})
     # A plain dict carries no version, so PyTorch accepts it, keeping a fresh layer's count.
     bn = torch.nn.BatchNorm1d(C, dtype=torch.float64)
-    bn.load_state_dict(state_dict, strict=True)
-    assert int(state["num_batches_tracked"]) == int(bn.num_batches_tracked) == 0
+    bn.load_state_dict(as_tensors(written), strict=True)
+    assert int(bn.num_batches_tracked) == 0
     np.testing.assert_array_equal(state["running_var"], bn.running_var.numpy())
+
+
+def test_frozen_batchnorm2d_state_dicts_round_trip_and_load_back():
+    frozen = FrozenBatchNorm2d(C).double()
+    with torch.no_grad():
+        for i, buffer in enumerate(frozen.buffers()):
+            buffer.copy_(torch.linspace(0.5, 2.0 + i, C))
+    params, state = jbn.from_torch(frozen.state_dict())
+    assert set(params) == {"weight", "bias"} and set(state) == {"running_mean", "running_var"}
+    written = jbn.to_torch(params, state)
+    assert_same_arrays(written, {key: value.numpy() for key, value in frozen.state_dict().items()})
+    fresh = FrozenBatchNorm2d(C).double()
+    fresh.load_state_dict(as_tensors(written), strict=True)
+    assert_same_arrays({key: value.numpy() for key, value in fresh.state_dict().items()},
+                       written)
 
 
 def state_dict_with(**changes):
@@ -329,9 +350,8 @@ def test_from_torch_rejects_a_misshaped_entry_naming_key_and_shapes(changes, mes
 
 
 @pytest.mark.parametrize("params, state, message", [
-    ({"weight": jnp.ones(C)}, {}, r"params must have keys \['weight', 'bias'\]"),
-    ({}, {"running_mean": jnp.zeros(C), "running_var": jnp.ones(C)},
-     r"state must have keys"),
+    ({"bias": jnp.zeros(C)}, {}, r"params must have keys \['weight', 'bias'\]"),
+    ({}, {"running_var": jnp.ones(C)}, r"state must have keys"),
     ({"weight": jnp.ones(C), "bias": jnp.zeros(C + 1)}, {},
      r"params\['bias'\] must have shape \(4,\).*got shape \(5,\)"),
 ])
@@ -383,7 +403,7 @@ def test_layer_trained_in_flax_evaluates_identically_in_jbn(use_scale, use_bias)
     module = flax_batchnorm(use_scale=use_scale, use_bias=use_bias)
     variables = trained_flax(module)
     params, state = jbn.from_flax(variables)
-    assert (params == {}) == (not use_scale and not use_bias)
+    assert set(params) == ({"weight", "bias"} if use_bias else {"weight"} if use_scale else set())
     x = flax_input(99)
     y, _ = jbn.batchnorm(params, state, jnp.asarray(x), False, axis=-1)
     assert_close_ulps(y, flax_eval(module, variables, x))
@@ -397,8 +417,9 @@ def test_layer_trained_in_jbn_evaluates_identically_in_flax():
     assert_close_ulps(flax_eval(module, jbn.to_flax(params, state), x), y)
 
 
-def test_flax_variables_round_trip_through_jbn_exactly():
-    variables = trained_flax(flax_batchnorm())
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_flax_variables_round_trip_through_jbn_exactly(use_bias):
+    variables = trained_flax(flax_batchnorm(use_bias=use_bias))
     round_trip = jbn.to_flax(*jbn.from_flax(variables))
     assert jax.tree.structure(round_trip) == jax.tree.structure(variables)
     jax.tree.map(lambda a, e: assert_same_arrays({"": a}, {"": e}), round_trip, variables)

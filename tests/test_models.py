@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jbn
-from helpers import assert_same_arrays
+from helpers import FrozenBatchNorm2d, assert_same_arrays
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
@@ -24,6 +24,7 @@ BATCH_NORMS = {  # path → (affine, track_running_stats)
     "stem.1": (True, True), "blocks.0.bn": (True, True), "blocks.1.bn": (True, True),
     "head_norm": (False, True), "no_stats": (True, False), "neither": (False, False),
     "sync": (True, True), "no_bias": (True, True), "volume": (True, True),
+    "frozen": (True, True),
 }
 WITH_RUNNING_STATS = [path for path, (_, stats) in BATCH_NORMS.items() if stats]
 
@@ -46,6 +47,7 @@ class Zoo(torch.nn.Module):
         self.sync = torch.nn.SyncBatchNorm(C, momentum=0.3)
         self.no_bias = torch.nn.BatchNorm1d(C, bias=False)
         self.volume = torch.nn.BatchNorm3d(C)
+        self.frozen = FrozenBatchNorm2d(C, eps=0.0)
         # Entries shaped like a batch norm's without being one.
         self.layer_norm = torch.nn.LayerNorm(C)
         self.group_norm = torch.nn.GroupNorm(2, C)
@@ -85,8 +87,7 @@ def test_batch_norms_are_found_by_their_running_statistics_and_the_rest_left_unt
         expected = {key[len(path) + 1:]: value for key, value in state_dict.items()
                     if key.startswith(path + ".")}
         assert_same_arrays(jbn.to_torch(params[path], state[path]),
-                            {k: v.numpy() for k, v in expected.items()}
-                            | ({"bias": np.zeros(C)} if path == "no_bias" else {}))
+                            {k: v.numpy() for k, v in expected.items()})
     taken = {f"{path}.{name}" for path in WITH_RUNNING_STATS
              for name in ("weight", "bias", "running_mean", "running_var",
                           "num_batches_tracked")}
@@ -114,9 +115,7 @@ def test_whole_state_dict_round_trips_bit_exactly(dtype):
     layers, _ = jbn.options_from_torch(model)
     params, state, rest = jbn.from_torch_model(model.state_dict(), layers=layers)
     entries = {**rest, **jbn.to_torch_model(params, state)}
-    # no_bias gains a zero bias, which a layer built with bias=False does not load.
-    assert np.all(entries.pop("no_bias.bias") == 0)
-
+    assert set(entries) == set(model.state_dict())  # nothing added: no_bias writes no bias
     fresh = Zoo().to(dtype)
     fresh.load_state_dict(as_tensors(entries), strict=True)
     assert_same_arrays({k: v.numpy() for k, v in fresh.state_dict().items()},
@@ -124,7 +123,7 @@ def test_whole_state_dict_round_trips_bit_exactly(dtype):
 
 
 def test_jbn_layers_round_trip_through_a_whole_torch_model_bit_exactly():
-    layers, _ = jbn.options_from_torch(Zoo())
+    layers, options = jbn.options_from_torch(Zoo())
     rng = np.random.default_rng(1)
     params, state = {}, {}
     for path, built in layers.items():
@@ -133,12 +132,11 @@ def test_jbn_layers_round_trip_through_a_whole_torch_model_bit_exactly():
         state[path] = {}
         if s:
             state[path] = {"running_mean": jnp.asarray(rng.normal(size=C)),
-                           "running_var": jnp.asarray(rng.uniform(0.5, 2, C)),
-                           "num_batches_tracked": jnp.asarray(7, jnp.int32)}
-    params["no_bias"]["bias"] = jnp.zeros(C)  # what a layer without bias has
+                           "running_var": jnp.asarray(rng.uniform(0.5, 2, C))}
+            if options[path].get("mode") != "frozen":  # a frozen layer counts no batches
+                state[path]["num_batches_tracked"] = jnp.asarray(7, jnp.int32)
     model = zoo()
     entries = jbn.to_torch_model(params, state)
-    del entries["no_bias.bias"]
     model.load_state_dict({**model.state_dict(), **as_tensors(entries)}, strict=True)
 
     new_params, new_state, _ = jbn.from_torch_model(model.state_dict(), layers=layers)
@@ -160,6 +158,10 @@ def test_from_torch_model_checks_each_layer_against_how_it_was_built():
     with pytest.raises(ValueError, match=r"layer 'head_norm' was built with affine=True, "
                                          r"but the state_dict has entries \['running_mean'"):
         jbn.from_torch_model(state_dict, layers=built_otherwise)
+    with_bias = layers | {"no_bias": layers["no_bias"] | {"bias": True}}
+    with pytest.raises(ValueError, match=r"layer 'no_bias' was built with bias=True, but the "
+                                         r"state_dict has entries \['weight', 'running_mean'"):
+        jbn.from_torch_model(state_dict, layers=with_bias)
     wider = layers | {"sync": layers["sync"] | {"num_features": C + 1}}
     with pytest.raises(ValueError, match=r"layer 'sync' was built with num_features=5, but "
                                          r"params\['weight'\] must have shape \(5,\) and a "
@@ -192,7 +194,7 @@ def test_to_torch_model_rejects_a_layer_left_out_of_the_state():
 
 def test_to_torch_model_names_the_layer_of_a_bad_entry():
     params, state, _ = jbn.from_torch_model(zoo().state_dict())
-    params["sync"] = {"weight": params["sync"]["weight"]}
+    params["sync"] = {"bias": params["sync"]["bias"]}
     with pytest.raises(ValueError, match=r"layer 'sync': params must have keys"):
         jbn.to_torch_model(params, state)
 
@@ -209,8 +211,11 @@ def test_options_from_torch_reads_every_batch_norm_as_built_and_configured():
     for path, (affine, stats) in BATCH_NORMS.items():
         module = model.get_submodule(path)
         assert layers[path] == {"num_features": C, "affine": affine,
+                                "bias": affine and path != "no_bias",
                                 "track_running_stats": stats}
-        assert options[path] == {"momentum": module.momentum, "eps": module.eps}
+        if path != "frozen":
+            assert options[path] == {"momentum": module.momentum, "eps": module.eps}
+    assert options["frozen"] == {"eps": 0.0, "mode": "frozen"}
     assert options["head_norm"]["eps"] == 1e-3 and options["sync"]["momentum"] == 0.3
     assert options["blocks.0.bn"]["momentum"] is None and options["volume"]["momentum"] is None
 
@@ -224,7 +229,7 @@ def test_options_from_torch_rejects_what_is_not_a_module_and_an_unrun_lazy_layer
         jbn.options_from_torch(lazy)
     lazy(torch.randn(3, C))
     assert jbn.options_from_torch(lazy)[0] == {
-        "0": {"num_features": C, "affine": True, "track_running_stats": True}}
+        "0": {"num_features": C, "affine": True, "bias": True, "track_running_stats": True}}
 
 
 def mlp():
@@ -287,6 +292,40 @@ def test_port_follows_a_layer_with_momentum_none_and_eps_1e_3():
     assert difference("1.running_mean") < 1e-12
 
 
+def test_port_of_a_model_with_frozen_layers_trains_them_frozen_with_one_training_flag():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3, bias=False), FrozenBatchNorm2d(C, 0.0),
+                                torch.nn.ReLU(), torch.nn.Conv2d(C, C, 3, bias=False),
+                                torch.nn.BatchNorm2d(C)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    layers, options = jbn.options_from_torch(model)
+    params, state, weights = jbn.from_torch_model(model.state_dict(), layers=layers)
+    x = np.random.default_rng(0).normal(1, 2, (4, 2, 7, 7))
+
+    def conv(h, key):
+        return jax.lax.conv_general_dilated(h, jnp.asarray(weights[key].numpy()), (1, 1),
+                                            "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+    def forward(params, state, x, training):
+        h, frozen_state = jbn.batchnorm(params["1"], state["1"], conv(x, "0.weight"), training,
+                                        **options["1"])
+        y, bn_state = jbn.batchnorm(params["4"], state["4"], conv(jax.nn.relu(h), "3.weight"),
+                                    training, **options["4"])
+        return y, {"1": frozen_state, "4": bn_state}
+
+    y, new_state = jax.jit(forward, static_argnames="training")(params, state, x, True)
+    model.train()  # FrozenBatchNorm2d has no training behaviour: it stays as it is
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-10)
+    assert_same_arrays(new_state["1"], state["1"])
+    np.testing.assert_allclose(new_state["4"]["running_mean"], model[4].running_mean, rtol=1e-12)
+    assert jbn.stale_layers(state, new_state) == []  # the frozen layer has no count to grow
+
+
 # ---------------------------------------------------------------------------------------
 # Threading many layers
 
@@ -315,7 +354,8 @@ def test_stale_layers_names_layers_missing_from_the_new_state_and_takes_one_laye
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, C)))
     new_state = {path: jbn.batchnorm(params[path], state[path], x, True)[1]
                  for path in ("head_norm", "no_bias")}
+    # The frozen layer counts no batches: it is never stale.
     assert jbn.stale_layers(state, new_state) == sorted(
-        path for path in WITH_RUNNING_STATS if path not in new_state)
+        path for path in WITH_RUNNING_STATS if path not in new_state and path != "frozen")
     assert jbn.stale_layers(state["no_bias"], new_state["no_bias"]) == []
     assert jbn.stale_layers(state["no_bias"], state["no_bias"]) == [""]

@@ -1,7 +1,10 @@
 """The package as a user installs it: typed for type checkers, licensed as declared, its
-version written once."""
+version written once, every package it imports declared, and each framework's layer naming
+the extra that installs the framework."""
 
+import ast
 import email
+import importlib
 import re
 import subprocess
 import sys
@@ -78,3 +81,43 @@ def test_the_version_is_written_once_and_installed_as_jbn_version(installed):
     [dist_info] = installed.glob("jbn-*.dist-info")
     metadata = email.message_from_string((dist_info / "METADATA").read_text())
     assert metadata["Version"] == jbn.__version__
+
+
+def test_every_package_jbn_imports_is_declared_a_dependency_or_an_extra():
+    imported = set()
+    for source in (ROOT / "jbn").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"jbn", "__future__"}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+
+    def names(key):  # the packages of a one-line list of requirements, such as `flax = [...]`
+        [requirements] = re.findall(rf"^{key} = \[(.*)\]$", pyproject, re.MULTILINE)
+        return {re.split(r"[<>=!\[ ]", requirement.strip(' "'))[0]
+                for requirement in requirements.split(",")}
+
+    assert third_party == {"jax", "numpy", "flax", "equinox", "torch"}
+    assert {"jax", "numpy"} <= names("dependencies")
+    for framework in ("flax", "equinox", "torch"):
+        assert names(framework) == {framework}, framework
+
+
+@pytest.mark.parametrize("module, framework", [("jbn.nnx", "flax"),
+                                               ("jbn.equinox", "equinox")])
+def test_a_layer_module_without_its_framework_names_the_extra_to_install(module, framework,
+                                                                         monkeypatch):
+    monkeypatch.setitem(sys.modules, framework, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ModuleNotFoundError,
+                       match=rf"^{module} is jbn's layer for .*, which is not installed: pip "
+                             rf"install 'jbn\[{framework}\]'$"):
+        importlib.import_module(module)
+
+
+def test_options_from_torch_without_torch_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'jbn\[torch\]'$"):
+        jbn.options_from_torch(object())

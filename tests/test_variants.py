@@ -279,9 +279,11 @@ def test_recalibration_averages_the_batch_means_and_unbiased_variances():
 def test_reset_running_stats_restores_every_layer_of_a_tree_and_keeps_its_dtypes():
     _, layer32 = jbn.init(2)
     _, layer64 = jbn.init(3, dtype=jnp.float64)
+    frozen = {"running_mean": jnp.full(2, 7.0), "running_var": jnp.full(2, 8.0)}
     trained = jax.tree.map(lambda v: v + 7, {"blocks": [layer32, {}], "head": layer64})
+    trained["frozen"] = frozen  # no count: it does not learn, and is left as it is
     fresh = jbn.reset_running_stats(trained)
-    expected = {"blocks": [layer32, {}], "head": layer64}
+    expected = {"blocks": [layer32, {}], "head": layer64, "frozen": frozen}
     assert jax.tree.structure(fresh) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(fresh), jax.tree.leaves(expected), strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want)
@@ -297,9 +299,9 @@ def test_framework_layers_pass_renorm_and_virtual_batch_size_on():
     options = dict(renorm=LIMITS, virtual_batch_size=4)
     params, state = jbn.init(C, dtype=jnp.float64)
     expected, _ = jbn.batchnorm(params, state, X, True, **options)
-    nnx_layer = jbn.nnx.BatchNorm(C, dtype=jnp.float64, **options)
+    nnx_layer = jbn.nnx.BatchNorm(C, axis=1, param_dtype=jnp.float64, **options)
     eqx_layer, eqx_state = eqx.nn.make_with_state(jbn.equinox.BatchNorm)(
-        C, dtype=jnp.float64, **options)
+        C, axis=1, dtype=jnp.float64, **options)
     np.testing.assert_array_equal(nnx_layer(X), expected)
     np.testing.assert_array_equal(eqx_layer(X, eqx_state)[0], expected)
     # Eval with running statistics: 7 examples, which no group of 4 divides.

@@ -30,8 +30,9 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     * Flax counts no batches: ``num_batches_tracked`` is 0, which matters only to
       ``momentum=None`` (the cumulative average would restart).
 
-    A module with only one of ``use_scale``/``use_bias`` gets the missing one as ones (scale)
-    or zeros (bias), which computes the same. Select one module's variables from a model's:
+    A module without bias (``use_bias=False``) gives ``weight`` alone; one without scale but
+    with bias gets a scale of ones, which computes the same. Select one module's variables
+    from a model's:
     ``{"params": v["params"]["BatchNorm_0"], "batch_stats": v["batch_stats"]["BatchNorm_0"]}``.
 
     Args:
@@ -39,8 +40,8 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
         BatchNorm over a single feature axis.
 
     Returns:
-      ``(params, state)``; ``params == {}`` without scale and bias, ``state == {}`` without
-      ``batch_stats``.
+      ``(params, state)``; ``params == {"weight"}`` without bias, ``{}`` without scale and
+      bias; ``state == {}`` without ``batch_stats``.
 
     Raises:
       ValueError: for unexpected keys (e.g. a whole model's variables), one of ``mean``/``var``
@@ -68,8 +69,9 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
         flax_params.get("scale"), flax_params.get("bias"), stats.get("mean"), stats.get("var")))
     params, state = {}, {}
     if scale is not None or bias is not None:
-        params = {"weight": jnp.ones_like(bias) if scale is None else scale,
-                  "bias": jnp.zeros_like(scale) if bias is None else bias}
+        params = {"weight": jnp.ones_like(bias) if scale is None else scale}
+        if bias is not None:
+            params["bias"] = bias
     if mean is not None:
         state = {"running_mean": mean, "running_var": var,
                  "num_batches_tracked": jnp.zeros((), jnp.int32)}
@@ -93,12 +95,14 @@ def to_flax(params: Params, state: State) -> dict[str, dict[str, Array]]:
     when training continues (Flax averages the biased batch variance).
 
     Args:
-      params: ``{"weight", "bias"}`` of shape (C,), or ``{}``.
-      state: ``{"running_mean", "running_var", "num_batches_tracked"}``, or ``{}``.
+      params: ``{"weight", "bias"}`` of shape (C,), ``{"weight"}``, or ``{}``.
+      state: ``{"running_mean", "running_var", "num_batches_tracked"}``, the first two
+        alone, or ``{}``.
 
     Returns:
-      ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}``, without ``"params"``
-      when ``params == {}`` (``use_scale=False, use_bias=False``) and without
+      ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}``, without ``"bias"``
+      for ``weight`` alone (``use_bias=False``), without ``"params"`` when ``params == {}``
+      (``use_scale=False, use_bias=False``) and without
       ``"batch_stats"`` when ``state == {}`` (Flax then needs
       ``use_running_average=False``, and ``mutable=["batch_stats"]`` to create them).
 
@@ -108,7 +112,8 @@ def to_flax(params: Params, state: State) -> dict[str, dict[str, Array]]:
     check_layer(params, state)
     variables = {}
     if params:
-        variables["params"] = {"scale": params["weight"], "bias": params["bias"]}
+        variables["params"] = {flax_name: params[name] for name, flax_name in (
+            ("weight", "scale"), ("bias", "bias")) if name in params}
     if state:
         variables["batch_stats"] = {"mean": state["running_mean"], "var": state["running_var"]}
     return variables

@@ -31,22 +31,25 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params,
     dtypes carry over (float64 needs ``jax_enable_x64``, as everywhere in JAX; without it
     JAX warns and narrows); ``num_batches_tracked`` becomes int32, as in ``jbn.init``.
 
-    Two incomplete entries are PyTorch's own, and are completed:
+    Two partial layers are taken as they are, and written back so by ``to_torch``:
 
-    * ``weight`` without ``bias`` (``BatchNorm(..., bias=False)``, which adds none) gets a
-      zero bias;
-    * running statistics without ``num_batches_tracked`` (older checkpoints, which
-      ``load_state_dict`` accepts too) get a count of 0, which matters only to
-      ``momentum=None``.
+    * ``weight`` without ``bias`` (``BatchNorm(..., bias=False)``, which adds none) gives
+      ``params == {"weight"}``;
+    * running statistics without ``num_batches_tracked`` (torchvision's and detectron2's
+      ``FrozenBatchNorm2d``, which keep none, and checkpoints older than the count) give a
+      state without it: it normalizes in every mode, and training refuses it
+      (``jbn.batchnorm``). To train such a layer, give it a count of 0, as PyTorch's
+      ``load_state_dict`` does.
 
     Args:
       state_dict: a mapping from names to tensors or arrays, e.g. ``model.state_dict()``.
       prefix: what precedes the names, with its trailing dot.
 
     Returns:
-      ``params``: ``{"weight", "bias"}``, or ``{}`` when there is no ``weight``
-      (``affine=False``). ``state``: ``{"running_mean", "running_var", "num_batches_tracked"}``,
-      or ``{}`` when there are no running statistics (``track_running_stats=False``).
+      ``params``: ``{"weight", "bias"}``, ``{"weight"}`` (``bias=False``), or ``{}`` when
+      there is no ``weight`` (``affine=False``). ``state``: ``{"running_mean",
+      "running_var", "num_batches_tracked"}``, the first two alone, or ``{}`` when there are
+      no running statistics (``track_running_stats=False``).
 
     Raises:
       ValueError: naming the key, for an entry of the wrong shape or dtype, a ``bias``
@@ -70,16 +73,10 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params,
             raise ValueError(f"{prefix + needs!r} is missing while {prefix + present!r} is present")
 
     arrays = {name: _host_array(value) for name, value in found.items()}
-    params, state = {}, {}
-    if "weight" in arrays:
-        params = {"weight": arrays["weight"],
-                  "bias": arrays.get("bias", np.zeros_like(arrays["weight"]))}
-    if "running_mean" in arrays:
-        state = {"running_mean": arrays["running_mean"], "running_var": arrays["running_var"],
-                 "num_batches_tracked": arrays.get("num_batches_tracked",
-                                                   np.zeros((), np.int64))}
+    params = {name: arrays[name] for name in PARAM_KEYS if name in arrays}
+    state = {name: arrays[name] for name in STATE_KEYS if name in arrays}
     check_layer(params, state, names={name: repr(prefix + name) for name in found})
-    if state:
+    if "num_batches_tracked" in state:
         count = state["num_batches_tracked"]
         if not 0 <= count <= np.iinfo(np.int32).max:
             raise ValueError(f"{prefix + 'num_batches_tracked'!r} is {count}, outside jbn's "
@@ -94,8 +91,9 @@ def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
     """jbn ``(params, state)`` as a PyTorch batch norm's state_dict, in NumPy arrays.
 
     Keys, order and dtypes are PyTorch's: ``weight``, ``bias``, ``running_mean``,
-    ``running_var`` in the dtype of the jbn arrays, ``num_batches_tracked`` int64. The arrays
-    are writable copies. ``load_state_dict`` takes tensors, so convert on the way in::
+    ``running_var`` in the dtype of the jbn arrays, ``num_batches_tracked`` int64; a layer
+    without bias or count writes none. The arrays are writable copies. ``load_state_dict``
+    takes tensors, so convert on the way in::
 
         bn.load_state_dict({k: torch.from_numpy(v) for k, v in jbn.to_torch(p, s).items()})
 
@@ -103,13 +101,14 @@ def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
     to place them in a whole model's state_dict.
 
     Args:
-      params: ``{"weight", "bias"}`` of shape (C,), or ``{}``.
+      params: ``{"weight", "bias"}`` of shape (C,), ``{"weight"}``, or ``{}``.
       state: ``{"running_mean", "running_var"}`` of shape (C,) and ``"num_batches_tracked"``,
-        or ``{}``.
+        the first two alone, or ``{}``.
 
     Returns:
       A dict that ``torch.nn.BatchNorm{1,2,3}d(C, affine=bool(params),
-      track_running_stats=bool(state))`` loads with ``strict=True``.
+      track_running_stats=bool(state), bias="bias" in params)`` loads with ``strict=True``
+      (``FrozenBatchNorm2d(C)`` too, for a state without count).
 
     Raises:
       TypeError, ValueError: for params or state that ``batchnorm`` would not accept.
@@ -117,11 +116,9 @@ def to_torch(params: Params, state: State) -> dict[str, np.ndarray]:
     PyTorch: ``module.state_dict()``; the inverse of ``from_torch``.
     """
     check_layer(params, state)
-    state_dict = {name: np.array(params[name]) for name in PARAM_KEYS if params}
-    if state:
-        state_dict["running_mean"] = np.array(state["running_mean"])
-        state_dict["running_var"] = np.array(state["running_var"])
-        state_dict["num_batches_tracked"] = np.array(state["num_batches_tracked"], np.int64)
+    state_dict = {name: np.array(params[name]) for name in PARAM_KEYS if name in params}
+    state_dict.update((name, np.array(state[name], np.int64 if name == "num_batches_tracked"
+                                      else None)) for name in STATE_KEYS if name in state)
     return state_dict
 
 
@@ -134,12 +131,14 @@ def from_torch_model(
     A batch norm is found by its running statistics: each ``P.running_mean`` /
     ``P.running_var`` / ``P.num_batches_tracked`` key makes ``P`` a layer, converted by
     ``from_torch(state_dict, "P.")`` (so with or without ``weight``, ``bias`` and
-    ``num_batches_tracked``). That covers ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm``; an
-    ``InstanceNorm`` built with ``track_running_stats=True`` writes the same keys and is
-    found too. A batch norm *without* running statistics writes only ``weight`` and
-    ``bias``, as ``LayerNorm`` and ``GroupNorm`` do, so only the module tells it apart: pass
-    ``layers`` (``options_from_torch(model)[0]``), which also checks each layer against how
-    it was built.
+    ``num_batches_tracked``). That covers ``BatchNorm{1,2,3}d``, ``SyncBatchNorm`` and
+    ``FrozenBatchNorm2d`` (whose state has no count, and whose ``eps`` and mode
+    ``options_from_torch`` reads); an ``InstanceNorm`` built with
+    ``track_running_stats=True`` writes the same keys and is found too. A batch norm
+    *without* running statistics writes only ``weight`` and ``bias``, as ``LayerNorm`` and
+    ``GroupNorm`` do, so only the module tells it apart: pass ``layers``
+    (``options_from_torch(model)[0]``), which also checks each layer against how it was
+    built.
 
     The results are flat, keyed by module path (``"layer1.0.bn1"``, ``""`` for a model that
     is itself a batch norm), the names of ``model.named_modules()``: ``params[path]`` and
@@ -150,17 +149,18 @@ def from_torch_model(
     Args:
       state_dict: a model's ``state_dict()``: torch tensors or NumPy arrays.
       layers: the batch norms, path → ``{"num_features", "affine", "track_running_stats"}``
-        (other keys are ignored); None to find them by their running statistics.
+        and optionally ``"bias"`` (other keys are ignored); None to find them by their
+        running statistics.
 
     Returns:
-      ``params``: path → ``{"weight", "bias"}`` or ``{}``; ``state``: path →
-      ``{"running_mean", "running_var", "num_batches_tracked"}`` or ``{}``; ``rest``: every
-      other entry, untouched (the same objects, in their order).
+      ``params``: path → ``{"weight", "bias"}``, ``{"weight"}`` or ``{}``; ``state``: path →
+      ``{"running_mean", "running_var", "num_batches_tracked"}``, the first two alone or
+      ``{}``; ``rest``: every other entry, untouched (the same objects, in their order).
 
     Raises:
       TypeError: when ``layers`` is not a mapping.
       ValueError: as ``from_torch`` for a layer's entries, naming the key; with ``layers``,
-        for a layer whose entries do not match its ``num_features``, ``affine`` or
+        for a layer whose entries do not match its ``num_features``, ``affine``, ``bias`` or
         ``track_running_stats``.
 
     PyTorch: ``model.state_dict()`` read layer by layer; the inverse of ``to_torch_model``.
@@ -235,18 +235,22 @@ def options_from_torch(
     A state_dict holds arrays only: ``momentum`` and ``eps`` are attributes of the modules,
     and a layer's ``momentum=None`` or ``eps=1e-3`` left out of its ``jbn.batchnorm`` call
     changes nothing but that layer's running statistics (or its outputs, for ``eps``). This
-    reads them, with ``affine`` and ``track_running_stats``, from every ``BatchNorm{1,2,3}d``
-    and ``SyncBatchNorm`` (subclasses of ``torch.nn.modules.batchnorm._BatchNorm``), by
-    module path. Imports torch.
+    reads them, with ``affine``, ``bias`` and ``track_running_stats``, from every
+    ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` (subclasses of
+    ``torch.nn.modules.batchnorm._BatchNorm``), by module path. A ``FrozenBatchNorm2d``
+    (torchvision's or detectron2's, recognized by its class name) gives its ``eps`` (often
+    0) and ``mode="frozen"``: it normalizes with its running statistics whatever the
+    ``training`` of the call, with constant weight and bias, as in PyTorch. Imports torch.
 
     Args:
       model: a ``torch.nn.Module``; lazy batch norms must have run once (to know C).
 
     Returns:
       ``(layers, options)``, both keyed by path: ``layers[path]`` is
-      ``{"num_features", "affine", "track_running_stats"}``, the arguments of ``jbn.init``
-      and what ``from_torch_model(..., layers=)`` checks; ``options[path]`` is
-      ``{"momentum", "eps"}``, the keywords of ``jbn.batchnorm``::
+      ``{"num_features", "affine", "bias", "track_running_stats"}``, the arguments of
+      ``jbn.init`` and what ``from_torch_model(..., layers=)`` checks; ``options[path]`` is
+      ``{"momentum", "eps"}`` (``{"eps", "mode"}`` for a ``FrozenBatchNorm2d``), the
+      keywords of ``jbn.batchnorm``::
 
           y, new = jbn.batchnorm(params[path], state[path], x, training, **options[path])
 
@@ -256,7 +260,11 @@ def options_from_torch(
 
     PyTorch: ``model.named_modules()`` and each batch norm's attributes.
     """
-    import torch  # only here: jbn's other functions take tensors without importing torch
+    try:  # only here: jbn's other functions take tensors without importing torch
+        import torch
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("jbn.options_from_torch reads live torch modules and needs "
+                                  "PyTorch: pip install 'jbn[torch]'", name=error.name) from error
 
     if not isinstance(model, torch.nn.Module):
         hint = " (the module itself, not its state_dict)" if isinstance(model, Mapping) else ""
@@ -265,6 +273,11 @@ def options_from_torch(
     # _BatchNorm is the base of BatchNorm{1,2,3}d, SyncBatchNorm and the lazy ones, and
     # not of InstanceNorm, whose statistics are per example.
     for path, module in model.named_modules():
+        if type(module).__name__ == "FrozenBatchNorm2d":  # torchvision's and detectron2's
+            layers[path] = {"num_features": module.weight.shape[0], "affine": True,
+                            "bias": True, "track_running_stats": True}
+            options[path] = {"eps": module.eps, "mode": "frozen"}
+            continue
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             continue
         if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and (
@@ -272,6 +285,7 @@ def options_from_torch(
             raise ValueError(f"the lazy batch norm {path!r} does not know its number of "
                              "features yet: run the model once before reading its options")
         layers[path] = {"num_features": module.num_features, "affine": module.affine,
+                        "bias": module.bias is not None,
                         "track_running_stats": module.track_running_stats}
         options[path] = {"momentum": module.momentum, "eps": module.eps}
     return layers, options
@@ -289,9 +303,12 @@ def _host_array(value) -> np.ndarray:
 
 def _check_built_as(path: str, options: Mapping[str, Any], params: Params, state: State,
                     names: list[str]) -> None:
-    """Checks a layer's converted entries against the module's ``num_features``, ``affine``
-    and ``track_running_stats``."""
-    for has, option in ((bool(params), "affine"), (bool(state), "track_running_stats")):
+    """Checks a layer's converted entries against the module's ``num_features``, ``affine``,
+    ``bias`` (where given) and ``track_running_stats``."""
+    built = [(bool(params), "affine"), (bool(state), "track_running_stats")]
+    if params and "bias" in options:
+        built.append(("bias" in params, "bias"))
+    for has, option in built:
         if has != bool(options[option]):
             raise ValueError(f"layer {path!r} was built with {option}={options[option]}, but "
                              f"the state_dict has entries {names} under it")
