@@ -1,11 +1,12 @@
 """The documentation works as written.
 
 Every Python block of README.md and of the guides in docs/ runs as written, each in a fresh
-process as a user would run it: on the CPU, with 8 virtual devices for the blocks that split
-a batch, x64 off. A block may be marked ``<!-- not run: why -->`` on the line before its
-fence; only the examples page's are, whose blocks include whole example scripts that their
-own tests run. Blocks that make a mesh run twice: with ``jax.make_mesh``'s default (Explicit
-axes) and with Auto axes.
+process as a user would run it (forked from one that imported what the blocks import, before
+JAX starts a backend, so that no block pays for the imports): on the CPU, with 8 virtual
+devices for the blocks that split a batch, x64 off. A block may be marked
+``<!-- not run: why -->`` on the line before its fence; only the examples page's are, whose
+blocks include whole example scripts that their own tests run. Blocks that make a mesh run
+twice: with ``jax.make_mesh``'s default (Explicit axes) and with Auto axes.
 
 The site builds with ``mkdocs build --strict`` (every page in the nav, every link, anchor
 and included file found), its API reference documents every public name, and no page
@@ -13,6 +14,7 @@ retypes a figure the benchmarks record.
 """
 
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -70,25 +72,58 @@ RUNS = {f"{name}{' (Auto axes)' if auto else ''}": (AUTO_AXES if auto else "") +
         for auto in ((False, True) if "jax.make_mesh" in code else (False,))}
 
 
+# Reads [(code, output file)] from stdin; runs each block in a child forked after the imports
+# (no backend is started before the fork), its stdout and stderr to its file, killed after
+# TIMEOUT_S; prints the exit statuses as JSON.
+RUNNER = """
+import json, os, signal, sys, traceback
+import flax.linen, jax, jbn, jbn.equinox, jbn.nnx, numpy, optax
+statuses = []
+for code, output in json.load(sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(TIMEOUT_S)
+        file = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, 1)
+        os.dup2(file, 2)
+        try:
+            exec(compile(code, "<block>", "exec"), {"__name__": "__main__"})
+            status = 0
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(statuses))
+""".replace("TIMEOUT_S", str(TIMEOUT_S))
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every block's (exit status, output), run two at a time in fresh interpreters."""
+    """Every block's (exit status, output), in two runners side by side."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     cwd = tmp_path_factory.mktemp("blocks")  # no file of this repository is at hand
 
-    def run(code):
-        try:
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                  text=True, timeout=TIMEOUT_S, env=env, cwd=cwd)
-        except subprocess.TimeoutExpired:
-            return None, f"more than {TIMEOUT_S} s"
-        return done.returncode, done.stdout + done.stderr
+    def run(names):
+        outputs = [cwd / f"block-{list(RUNS).index(name)}.txt" for name in names]
+        done = subprocess.run([sys.executable, "-c", RUNNER], capture_output=True, text=True,
+                              env=env, cwd=cwd, input=json.dumps(
+                                  [(RUNS[name], str(output)) for name, output in
+                                   zip(names, outputs, strict=True)]))
+        assert done.returncode == 0, done.stdout + done.stderr
+        statuses = json.loads(done.stdout.splitlines()[-1])
+        return {name: (status, output.read_text() if output.exists() else "")
+                for name, status, output in zip(names, statuses, outputs, strict=True)}
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run, code) for name, code in RUNS.items()}
-        return {name: future.result() for name, future in futures.items()}
+        halves = pool.map(run, (list(RUNS)[0::2], list(RUNS)[1::2]))
+        return {name: outcome for half in halves for name, outcome in half.items()}
 
 
 @pytest.mark.parametrize("name", RUNS)

@@ -24,10 +24,9 @@ def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration()
 
 @pytest.mark.parametrize("args", [
     ("--epochs", "1"),
-    ("--epochs", "1", "--pmap", "--group-size", "2"),
     ("--epochs", "1", "--processes", "2", "--group-size", "4"),
-    ("--epochs", "1", "--processes", "2", "--pmap"),
-], ids=["shard_map", "pmap-groups-of-2", "shard_map-2-processes-groups-of-4", "pmap-2-processes"])
+    ("--epochs", "1", "--processes", "2", "--pmap", "--group-size", "2"),
+], ids=["shard_map", "shard_map-2-processes-groups-of-4", "pmap-2-processes-groups-of-2"])
 def test_data_parallel_training_matches_one_device(args):
     output = run_example("data_parallel.py", *args)
     epochs = int(args[1])

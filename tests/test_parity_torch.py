@@ -1,5 +1,7 @@
 """jbn against real PyTorch BatchNorm1d/2d/3d, over every constructor argument, in float64."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,19 @@ def assert_state_equal(state, layer):
     assert int(state["num_batches_tracked"]) == int(layer.num_batches_tracked)
 
 
+# Jitted whole: one compilation per configuration for y, the state and the pullback, where
+# eager calls compile the forward and the backward pass apart (what jit and eager agree on is
+# tested elsewhere).
+@functools.partial(jax.jit, static_argnames=("training", "momentum", "eps"))
+def jbn_step(x, params, state, ct, training, momentum, eps):
+    """y, the gradients of Σ y·ct with respect to x and params, and the new state."""
+    def f(x, params):
+        return jbn.batchnorm(params, state, x, training, momentum=momentum, eps=eps)
+
+    y, vjp, new_state = jax.vjp(f, x, params, has_aux=True)
+    return y, vjp(ct), new_state
+
+
 def step_both(layer, params, state, training, momentum, eps, rng, rank, shape=None):
     """One call of each on the same data; compares y and the gradients of Σ y·ct."""
     x = rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 4), shape or SHAPES[rank])
@@ -51,11 +66,8 @@ def step_both(layer, params, state, training, momentum, eps, rng, rank, shape=No
     ty = layer(tx)
     ty.backward(torch.from_numpy(ct))
 
-    def f(x, params):
-        return jbn.batchnorm(params, state, x, training, momentum=momentum, eps=eps)
-
-    y, vjp, new_state = jax.vjp(f, jnp.asarray(x), params, has_aux=True)
-    dx, dparams = vjp(jnp.asarray(ct))
+    y, (dx, dparams), new_state = jbn_step(jnp.asarray(x), params, state, jnp.asarray(ct),
+                                           training, momentum, eps)
     np.testing.assert_allclose(y, ty.detach().numpy(), **TIGHT)
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-9)
     if params:
