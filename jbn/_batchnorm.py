@@ -43,8 +43,9 @@ def init(
         rounding (``batchnorm`` refuses to train one), and Flax keeps them in float32 too.
       accumulation_steps: None, or the k of ``batchnorm(..., accumulation_steps=k)``: the
         state then also carries ``"accumulator"``, the statistics of the micro-batches of
-        the optimizer step under way (empty: ``count``, ``degrees`` 0, ``mean``, ``m2``
-        zeros(C), in at least float32; ``micro_batches`` int32 0).
+        the optimizer step under way, their mean as ``shift + mean_offset`` (empty:
+        ``count``, ``degrees`` 0, ``shift``, ``mean_offset``, ``m2`` zeros(C), in at least
+        float32; ``micro_batches`` int32 0).
 
     Returns:
       ``params``: ``{"weight": ones(C), "bias": zeros(C)}``, ``{"weight"}`` without bias,
@@ -333,15 +334,13 @@ def _learned(state: State, statistics: Statistics, call: Call) -> State:
     if call.accumulation_steps is None:
         return _updated(state, statistics, call.momentum)
     accumulator = state["accumulator"]
-    so_far = Statistics(accumulator["count"], accumulator["degrees"], accumulator["mean"],
-                        jnp.zeros_like(accumulator["mean"]), accumulator["m2"])
+    so_far = Statistics(*(accumulator[key] for key in Statistics._fields))
     merged = so_far.merged(statistics, within=call.within)
     micro_batches = accumulator["micro_batches"] + 1
     step_ends = micro_batches >= call.accumulation_steps
     updated = _updated(state, merged, call.momentum)
-    empty = _empty_accumulator(accumulator["mean"].shape[0], accumulator["mean"].dtype)
-    merged = {"count": merged.count, "degrees": merged.degrees, "mean": merged.mean,
-              "m2": merged.m2, "micro_batches": micro_batches}
+    empty = _empty_accumulator(accumulator["m2"].shape[0], accumulator["m2"].dtype)
+    merged = {**merged._asdict(), "micro_batches": micro_batches}
     return {**{key: jnp.where(step_ends, updated[key], state[key]) for key in updated},
             "accumulator": {key: jnp.where(step_ends, empty[key], merged[key]).astype(
                 accumulator[key].dtype) for key in accumulator}}
@@ -349,8 +348,8 @@ def _learned(state: State, statistics: Statistics, call: Call) -> State:
 
 def _empty_accumulator(channels: int, dtype: DTypeLike) -> dict[str, Array]:
     return {"count": jnp.zeros((), dtype), "degrees": jnp.zeros((), dtype),
-            "mean": jnp.zeros(channels, dtype), "m2": jnp.zeros(channels, dtype),
-            "micro_batches": jnp.zeros((), jnp.int32)}
+            "shift": jnp.zeros(channels, dtype), "mean_offset": jnp.zeros(channels, dtype),
+            "m2": jnp.zeros(channels, dtype), "micro_batches": jnp.zeros((), jnp.int32)}
 
 
 def _updated(state: State, statistics: Statistics, momentum: float | None) -> State:

@@ -127,8 +127,8 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
     ``weight``, ``bias``, ``running_mean``, ``running_var`` floating arrays of shape (C,);
     ``num_batches_tracked`` an int32 or int64 scalar (a narrower integer would wrap around,
     and ``momentum=None`` divides by it); and, where the state accumulates micro-batches,
-    ``accumulator``: ``count``, ``degrees`` floating scalars, ``mean``, ``m2`` of shape
-    (C,), ``micro_batches`` an int32 or int64 scalar.
+    ``accumulator``: ``count``, ``degrees`` floating scalars, ``shift``, ``mean_offset``,
+    ``m2`` of shape (C,), ``micro_batches`` an int32 or int64 scalar.
 
     Args:
       params, state: the layer's dicts.
@@ -198,8 +198,8 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
 
 # The entries of a state's accumulator, by kind: a floating scalar, a floating (C,) vector, a
 # count of calls (int32 or int64).
-ACCUMULATOR = {"count": "scalar", "degrees": "scalar", "mean": "vector", "m2": "vector",
-               "micro_batches": "count"}
+ACCUMULATOR = {"count": "scalar", "degrees": "scalar", "shift": "vector",
+               "mean_offset": "vector", "m2": "vector", "micro_batches": "count"}
 
 
 def _check_training(training) -> None:

@@ -91,10 +91,13 @@ def test_micro_batches_pooling_is_the_mean_and_the_pooled_within_variance():
 
 
 @MOMENTUM_1
-def test_accumulated_float32_statistics_keep_their_accuracy_at_mean_1e4():
-    """As one call's (test_numerics): the mean within one rounding, the variance 1e-5."""
-    std = RNG.uniform(0.5, 2.0, (C, 1))
-    micro = [(1e4 * std + std * RNG.normal(size=(512, C, L))).astype(np.float32)
+@pytest.mark.parametrize("seed", range(4))
+def test_accumulated_float32_statistics_keep_their_accuracy_at_mean_1e4(seed):
+    """As one call's (test_numerics): the mean within one rounding, the variance within
+    2e-6, which merging about rounded means (1.2e-5 with seed 0) would miss."""
+    rng = np.random.default_rng(seed)
+    std = rng.uniform(0.5, 2.0, (C, 1))
+    micro = [(1e4 * std + std * rng.normal(size=(512, C, L))).astype(np.float32)
              for _ in range(4)]
     params, state = jbn.init(C, accumulation_steps=4)
     for x in micro:
@@ -102,7 +105,7 @@ def test_accumulated_float32_statistics_keep_their_accuracy_at_mean_1e4():
                                  accumulation_steps=4)
     values = np.moveaxis(np.concatenate(micro).astype(np.float64), 1, -1).reshape(-1, C)
     np.testing.assert_allclose(state["running_mean"], values.mean(0), rtol=2e-7)
-    np.testing.assert_allclose(state["running_var"], values.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(state["running_var"], values.var(0, ddof=1), rtol=2e-6)
 
 
 def test_under_scan_and_jit_the_accumulation_equals_the_python_loop():

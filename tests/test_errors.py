@@ -195,7 +195,7 @@ BAD_CALLS = {
     "accumulator of the wrong shape": (
         dict(state={**jbn.init(3, accumulation_steps=2)[1],
                     "accumulator": {**jbn.init(4, accumulation_steps=2)[1]["accumulator"]}}),
-        ValueError, r"state\['accumulator'\]\['mean'\] must have shape \(3,\)"),
+        ValueError, r"state\['accumulator'\]\['shift'\] must have shape \(3,\)"),
     "statistics not a dict": (
         dict(statistics=(jnp.zeros(3), jnp.ones(3))), TypeError,
         r"statistics must be a dict with 'mean' and 'var'"),
