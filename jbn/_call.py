@@ -91,6 +91,8 @@ def parse(
     given = _given_statistics(statistics, channels, batch_statistics)
     if given is not None:
         batch_statistics = updates_state = False
+    if updates_state:
+        _check_learnable(state)
     _check_momentum(momentum, warn=updates_state)
     check_eps(eps, positive=batch_statistics or given is not None)
     ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
@@ -234,8 +236,6 @@ def _mode(mode, training: bool, state) -> tuple[bool, bool]:
         return False, False
     if mode == "untracked":
         return True, False
-    if training and state:
-        _check_learnable(state)
     return training or not state, training and bool(state)
 
 
