@@ -258,7 +258,8 @@ def _apply(call: Call, state: State) -> tuple[Array, State]:
     y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight, call.bias,
                          call.renorm)
     if call.updates_state:
-        state = _learned(state, found.pooled(call.reduction), call)
+        state = _learned(state, found.pooled(
+            call.reduction, fine_mean=call.accumulation_steps is not None), call)
     return y, state
 
 

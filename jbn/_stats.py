@@ -99,7 +99,7 @@ class Statistics(NamedTuple):
         of 2."""
         return jnp.all(self.degrees > 0)
 
-    def pooled(self, reduction: Reduction) -> Statistics:
+    def pooled(self, reduction: Reduction, *, fine_mean: bool = False) -> Statistics:
         """The statistics the running state learns from: these; over ghost batches, or over
         groups of devices, those of every batch or group along ``axis_name`` pooled (one
         all-reduce of 2C + 2 values), so that the running state is the same on every device:
@@ -107,18 +107,30 @@ class Statistics(NamedTuple):
         within-group) ``Σ M2_g`` with ``Σ (n_g − 1)`` degrees. For batches of equal counts the
         unbiased variance is then the mean of the batches' own unbiased variances, those each
         was normalized with (Bessel-corrected); a batch of fewer valid values weighs less,
-        one of 0 or 1 not at all in the variance."""
+        one of 0 or 1 not at all in the variance.
+
+        ``fine_mean``: the mean as the pooled one, rounded, plus the offset from it of the
+        batches' own means, by a second all-reduce of C values: for merging, where the
+        rounding of a mean |mean|/σ large would reach the variance (accumulation)."""
         ghost = reduction.virtual_batch_size is not None
         if not ghost and (reduction.axis_name is None or reduction.axis_index_groups is None):
             return self
-        rows = (self.count, self.count * self.mean, self.m2, jnp.maximum(self.degrees, 0))
-        if ghost:
-            rows = tuple(jnp.sum(row, axis=0) for row in rows)
-        else:  # a group's statistics, on each of its devices: counted once
-            rows = tuple(jnp.where(reduction.first_of_group(), row, 0) for row in rows)
-        count, sum_x, m2, degrees = reduction.psum_all(*rows)
+
+        def total(*rows):  # over every batch or group, each counted once, on every device
+            if ghost:
+                rows = tuple(jnp.sum(row, axis=0) for row in rows)
+            else:  # a group's statistics are on each of its devices
+                rows = tuple(jnp.where(reduction.first_of_group(), row, 0) for row in rows)
+            return reduction.psum_all(*rows)
+
+        count, sum_x, m2, degrees = total(self.count, self.count * self.mean, self.m2,
+                                          jnp.maximum(self.degrees, 0))
         mean = sum_x / jnp.maximum(count, 1)
-        return Statistics(count, degrees, mean, jnp.zeros_like(mean), m2)
+        offset = jnp.zeros_like(mean)
+        if fine_mean:  # shift − mean is exact: both are near the same mean
+            offset = total(self.count * ((self.shift - mean) + self.mean_offset))[0]
+            offset = offset / jnp.maximum(count, 1)
+        return Statistics(count, degrees, mean, offset, m2)
 
     def merged(self, other: Statistics, *, within: bool = False) -> Statistics:
         """The statistics of the values of both, by Chan, Golub and LeVeque's update:
