@@ -22,9 +22,7 @@ def main(argv: list[str] | None = None) -> harness.Report:
     parser.add_argument("--budget", type=float, default=10.0,
                         help="seconds of timed calls per shape; fast shapes get more calls "
                         "(default: 10)")
-    parser.add_argument("--write", action="store_true",
-                        help=f"also record the table in benchmarks/{RESULTS.name} (by default "
-                        "the run prints it and changes no file)")
+    harness.add_write_option(parser, RESULTS)
     parser.add_argument("--compile-reps", type=int, default=harness.COMPILE_REPS,
                         help="compilations timed per job, their median reported "
                         f"(default: {harness.COMPILE_REPS})")
@@ -36,11 +34,7 @@ def main(argv: list[str] | None = None) -> harness.Report:
 
     report = harness.run(args.shapes, reps=args.reps, budget=args.budget,
                          compile_reps=args.compile_reps, log=log)
-    text = harness.markdown(report, command)
-    print(text)
-    if args.write:
-        RESULTS.write_text(text)
-        log(f"wrote {RESULTS}")
+    harness.publish(harness.markdown(report, command), RESULTS, args.write)
     return report
 
 

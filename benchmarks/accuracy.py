@@ -201,10 +201,7 @@ def edge_table() -> list[str]:
 def markdown(command: str = "python -m benchmarks.accuracy") -> str:
     """The three tables, each between snippet markers (``--8<-- [start:training]`` …) so that
     a page can include one alone, under the machine they were computed on."""
-    lines = ["# jbn accuracy", "", f"`{command}`", ""]
-    lines += [f"- **{key}**: {value}" for key, value in harness.machine().items()
-              if not key.startswith("load average")]
-    lines += ["", __doc__.split("\n\n", 1)[1].strip().replace("``", "`")]
+    lines = harness.heading("jbn accuracy", command, __doc__)
     for name, title, rows in (
             ("training", "Training (batch statistics)", error_table(training_outputs, True)),
             ("eval", "Eval (running statistics)", error_table(eval_outputs, False)),
@@ -217,16 +214,11 @@ def markdown(command: str = "python -m benchmarks.accuracy") -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true",
-                        help=f"also record the tables in benchmarks/{ACCURACY.name} (by "
-                        "default the run prints them and changes no file)")
+    harness.add_write_option(parser, ACCURACY)
     argv = [] if argv is None else argv  # called from code (the tests): no options
     args = parser.parse_args(argv)
     text = markdown(" ".join(["python -m benchmarks.accuracy", *argv]))
-    print(text)
-    if args.write:
-        ACCURACY.write_text(text)
-        print(f"wrote {ACCURACY}", file=sys.stderr)
+    harness.publish(text, ACCURACY, args.write)
     return text
 
 

@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, Plan]]:
     parser.add_argument("--shapes", nargs="+", type=harness.parse_shape,
                         default=list(harness.SHAPES), metavar="NxCx...",
                         help="shapes of x on one device, channel on axis 1")
-    parser.add_argument("--write", action="store_true",
-                        help="also record the table in benchmarks/GPU_PLAN.md (by default the "
-                        "run prints it and changes no file)")
+    harness.add_write_option(parser, GPU_PLAN)
     args = parser.parse_args(argv)
     from jax.experimental.topologies import get_topology_desc
 

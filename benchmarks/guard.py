@@ -85,18 +85,13 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.guard", description=__doc__)
     parser.add_argument("--epochs", type=int, default=15, help="of examples/train.py")
     parser.add_argument("--steps", type=int, default=10, help="of examples/resnet_from_torch.py")
-    parser.add_argument("--write", action="store_true",
-                        help=f"also record the table in benchmarks/{GUARD.name} (by default the "
-                        "run prints it and changes no file)")
+    harness.add_write_option(parser, GUARD)
     args = parser.parse_args(argv)
     command = " ".join(["python -m benchmarks.guard", *(sys.argv[1:] if argv is None else argv)])
     # The ResNet runs second: it turns on float64, which the digits MLP does not use.
     runs = {"digits MLP": training_ratios("train", ["--epochs", str(args.epochs)]),
             "ResNet-18": training_ratios("resnet_from_torch", ["--steps", str(args.steps)])}
-    lines = ["# jbn's guard", "", f"`{command}`", ""]
-    lines += [f"- **{key}**: {value}" for key, value in harness.machine().items()
-              if not key.startswith("load average")]
-    lines += ["", __doc__.split("\n\n", 1)[1].strip().replace("``", "`"), ""]
+    lines = [*harness.heading("jbn's guard", command, __doc__), ""]
     for name, calls in runs.items():
         ratios = calls[:, 0]
         lines.append(f"- {name}: {len(ratios)} batch-norm calls in training; max |mean|/σ over "
@@ -117,10 +112,7 @@ def main(argv: list[str] | None = None) -> str:
     lines += ["", "<!-- --8<-- [start:table] -->", *harness.table(header, rows),
               "<!-- --8<-- [end:table] -->"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        GUARD.write_text(text)
-        print(f"wrote {GUARD}", file=sys.stderr)
+    harness.publish(text, GUARD, args.write)
     return text
 
 

@@ -15,8 +15,10 @@ import importlib
 import importlib.metadata
 import math
 import os
+import pathlib
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -225,6 +227,31 @@ def machine() -> dict[str, str]:
     if os.environ.get("XLA_FLAGS"):
         info["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
     return info
+
+
+def add_write_option(parser: argparse.ArgumentParser, record: pathlib.Path) -> None:
+    """``--write``: each command's option to record what it prints in ``record``."""
+    parser.add_argument("--write", action="store_true",
+                        help=f"also record the output in benchmarks/{record.name} (by default "
+                        "the run prints it and changes no file)")
+
+
+def heading(title: str, command: str, doc: str) -> list[str]:
+    """A record's first lines: its title, the command that wrote it, the machine (but its
+    load: the numbers below are not timings), and what it shows (``doc`` after its first
+    paragraph, a module docstring)."""
+    return ["# " + title, "", f"`{command}`", "",
+            *(f"- **{key}**: {value}" for key, value in machine().items()
+              if not key.startswith("load average")),
+            "", doc.split("\n\n", 1)[1].strip().replace("``", "`")]
+
+
+def publish(text: str, record: pathlib.Path, write: bool) -> None:
+    """Prints ``text``; with ``write``, also records it in ``record``."""
+    print(text)
+    if write:
+        record.write_text(text)
+        print(f"wrote {record}", file=sys.stderr)
 
 
 def _load() -> str:

@@ -117,11 +117,8 @@ def errors(running: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> d
 
 def markdown(command: str = "python -m benchmarks.running_stats") -> str:
     found = {std: rows(std) for std in sorted({std for std, _ in COLUMNS})}
-    lines = ["# Running statistics in half precision", "", f"`{command}`", ""]
-    lines += [f"- **{key}**: {value}" for key, value in harness.machine().items()
-              if not key.startswith("load average")]
-    lines += ["", __doc__.split("\n\n", 1)[1].strip().replace("``", "`"), "",
-              "<!-- --8<-- [start:table] -->"]
+    lines = harness.heading("Running statistics in half precision", command, __doc__)
+    lines += ["", "<!-- --8<-- [start:table] -->"]
     cells = []
     for i, (dtype, update, _) in enumerate(found[COLUMNS[0][0]]):
         cells.append([dtype, update])
@@ -138,16 +135,11 @@ def markdown(command: str = "python -m benchmarks.running_stats") -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.running_stats",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true",
-                        help=f"also record the table in benchmarks/{RUNNING_STATS.name} (by "
-                        "default the run prints it and changes no file)")
+    harness.add_write_option(parser, RUNNING_STATS)
     argv = [] if argv is None else argv  # called from code (the tests): no options
     args = parser.parse_args(argv)
     text = markdown(" ".join(["python -m benchmarks.running_stats", *argv]))
-    print(text)
-    if args.write:
-        RUNNING_STATS.write_text(text)
-        print(f"wrote {RUNNING_STATS}", file=sys.stderr)
+    harness.publish(text, RUNNING_STATS, args.write)
     return text
 
 
