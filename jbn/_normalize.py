@@ -156,14 +156,20 @@ def _normalize_jvp(reduction, eps, primals, tangents):
         dweight, dbias = _renormalized(factors, dweight, dbias)
     weight, _ = _renormalized(factors, weight, bias)
 
-    @jax.checkpoint
+    # Rematerialized without prevent_cse: its barrier would wrap every input, x and the
+    # cotangent too, and keep XLA from fusing the backward's sums and ẏ into the elementwise
+    # work around the layer (an activation's derivative, a residual's add). The barrier here
+    # holds only per-channel values: the backward computes with the forward's very
+    # statistics, as it would from saved residuals.
+    @partial(jax.checkpoint, prevent_cse=False)
     def tangent_map(x, stats, inv_std, weight, dx, dweight, dbias):
+        stats, inv_std, weight = lax.optimization_barrier((stats, inv_std, weight))
         # One copy of the shift for the sum and one for ẏ, opaque to XLA: each x − shift then
         # fuses into its own pass over x, where a shared one would be written to memory.
         # Unlike the statistics, these sums take no plain path: under reverse mode they are
         # transposed into ẏ's elementwise pass, and a branch there would write its x-sized
-        # output to memory (7.4 copies of x for forward+backward instead of 4.1), where the
-        # shift costs only some 10 % of one reduction (Σ ct·(x − shift) against Σ ct·x).
+        # output to memory, where the shift costs only a share of one reduction
+        # (Σ ct·(x − shift) against Σ ct·x).
         shift_sum, shift_dy = lax.optimization_barrier((stats.shift, stats.shift))
         dtype = stats.shift.dtype
         dx = dx.astype(dtype)
