@@ -244,8 +244,6 @@ def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistic
 @partial(jax.jit, static_argnames=("reduction", "scheme"))
 def _statistics(x: Array, valid: Array | None, reduction: Reduction,
                 scheme: Scheme) -> Statistics:
-    dtype = compute_dtype(x.dtype)
-    x = x.astype(dtype)
     guarded = partial(_guarded, x, valid, reduction, scheme.bound)
     shifted = partial(_shifted, x, valid, reduction, scheme.samples)
     if scheme.path is None:
@@ -261,9 +259,11 @@ def _statistics(x: Array, valid: Array | None, reduction: Reduction,
 def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) -> Statistics:
     """The plain sums where they cannot cancel, sums about the mean under ``lax.cond``
     otherwise."""
+    x = x.astype(compute_dtype(x.dtype))
     count, sum_x, sum_squares = plain_sums(x, valid, reduction)
 
-    def about_the_mean(mean):
+    def about_the_mean(totals):
+        mean = totals[0] / jnp.maximum(totals[1], 1)
         # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x and
         # fuses its own x − shift, where a shared x − shift would be written to memory.
         for_sum, for_squares = lax.optimization_barrier((mean, mean))
@@ -281,7 +281,7 @@ def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) 
         safe = reduction.psum_all(jnp.where(safe, 0, 1))[0] == 0
     shift, sum_deviations, sum_squared_deviations = lax.cond(
         safe, lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
-        lax.stop_gradient(sum_x / jnp.maximum(count, 1)))
+        lax.stop_gradient((sum_x, count)))
     return _about_shift(shift, count, sum_deviations, sum_squared_deviations)
 
 
@@ -307,14 +307,17 @@ def plain_sums_suffice(count: Array, sum_x: Array, sum_squares: Array, bound: fl
 
 def _shifted(x: Array, valid: Array | None, reduction: Reduction, samples: int) -> Statistics:
     """Sums about a shift taken from the data, in one pass and without a branch."""
-    shift = _sampled_shift(x, valid, reduction, samples)
-    count = local_count = reduction.count(x.shape, valid, x.dtype)
+    # x is widened where each pass reads it, never as a whole: a widened copy read by the
+    # shift's gather and by the sums, TPUs write to memory.
+    dtype = compute_dtype(x.dtype)
+    shift = _sampled_shift(x, valid, reduction, samples).astype(dtype)
+    count = local_count = reduction.count(x.shape, valid, dtype)
     if reduction.across_devices:
         # One shift for every device: the count-weighted mean of theirs (a device without
         # valid values weighs nothing), so that the sums below add up.
         count, weighted = reduction.psum(local_count, local_count * shift)
         shift = _rounded(weighted / jnp.maximum(count, 1))
-    centered = x - reduction.per_channel(shift)
+    centered = x.astype(dtype) - reduction.per_channel(shift)
     sums = reduction.psum(reduction.sum(centered, valid), reduction.sum(centered * centered, valid))
     return _about_shift(shift, count, *sums)
 
@@ -330,7 +333,7 @@ def _rounded(v: Array) -> Array:
 
 def _sampled_shift(x: Array, valid: Array | None, reduction: Reduction, samples: int) -> Array:
     """Per channel, the median of ``samples`` valid values of this device's batch, or of each
-    ghost batch: (C,), or (G, C).
+    ghost batch: (C,), or (G, C), in ``x.dtype``.
 
     Positions count over every axis but the channel axis, in the order of ``x``. The values
     sit at ``samples`` starts spread by the golden ratio (a Weyl sequence: even coverage of
@@ -383,7 +386,7 @@ def _sampled_shift(x: Array, valid: Array | None, reduction: Reduction, samples:
         values = jax.vmap(gathered)(reduction.split_batch(x), [jnp.asarray(i) for i in index])
     else:
         values = gathered(x, index)  # (1, S, C)
-    median = jnp.sort(values, axis=1)[:, samples // 2]
+    median = jnp.sort(values, axis=1, stable=False)[:, samples // 2]
     return median if ghost else median[0]
 
 
