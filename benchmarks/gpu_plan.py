@@ -1,9 +1,9 @@
 """What a GPU would run: ``python -m benchmarks.gpu_plan`` compiles for an H100 without one.
 
-XLA's GPU compiler (the ``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` wheels of the installed
-jaxlib) runs on a CPU-only machine against a target description of the device
-(``--target``: a ``GpuTargetConfigProto`` in text form, such as the H100's below) and writes
-the thunk sequence a GPU would execute. For each case this prints, per training call:
+XLA's GPU compiler runs on a CPU-only machine against a description of the device
+(``--target``; by default the H100's, ``benchmarks/h100.txtpb``) and writes the thunk
+sequence a GPU would execute (``benchmarks.plans``). For each case this prints, per training
+call:
 
 * **conditionals**: ``kConditional`` thunks. On a GPU each one copies its predicate to the
   host and blocks until the stream drains: a host round trip per layer per step.
@@ -18,30 +18,20 @@ a (4, 2) mesh, that axis alone named (each group's own all-reduces). Each runs w
 statistics a GPU runs (``platform``) and with the guarded statistics of the CPU forced
 (``guarded``, what GPUs ran before the platforms were told apart).
 
-Set-up, once, in the project's virtual environment (about 480 MB)::
-
-    pip install "jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)')" \\
-                "jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)')"
-
-The plugin then makes plain JAX look for a GPU at start-up: set ``JAX_PLATFORMS=cpu`` for
-other commands in that environment, or install it in a separate one.
+Set-up: ``python -m benchmarks.plans --help`` (the CUDA plugin of the installed jaxlib).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import math
+import pathlib
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
-# Read when JAX starts: no GPU to look for, no check of CUDA libraries that are not there.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import pathlib  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from functools import partial  # noqa: E402
+from benchmarks import plans  # isort: skip  (sets JAX up for deviceless compiles: first)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -53,86 +43,40 @@ import jbn  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from jbn import _stats  # noqa: E402
 
-TARGET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "gpu" / "h100.txtpb"
 GPU_PLAN = pathlib.Path(__file__).with_name("GPU_PLAN.md")
 DEVICES = 8
-PATHS = {"platform": None, "guarded": _stats.GUARDED}
 MODES = {"train": "training forward", "grad": "forward+backward"}
-# Thunks that hold others, or only order them: not launches of their own.
-CONTAINERS = {"kCommandBuffer", "kConditional", "kAsyncStart", "kAsyncDone", "kWhile",
-              "kSequential", "kWaitForStreams"}
-COLLECTIVES = {"kAllReduce": "all-reduces", "kAllReduceStart": "all-reduces",
-               "kAllGather": "all-gathers", "kAllGatherStart": "all-gathers"}
+# The layers compared: jbn with the statistics a GPU runs, with the CPU's guarded statistics
+# forced (what GPUs ran before the platforms were told apart), accumulating micro-batches
+# (a call as each micro-batch makes it), and Flax linen's BatchNorm.
+LAYERS = {"jbn": {}, "jbn, guarded": {"path": _stats.GUARDED},
+          "jbn, accumulating 4": {"accumulation_steps": 4}, "flax": None}
 
 
-@dataclasses.dataclass
-class Plan:
-    """What one compiled call runs, from its thunk sequence and optimized HLO."""
+class Case(NamedTuple):
+    """One compilation: ``function`` of ``layer`` in ``mode``, its abstract arguments for the
+    GPU and, on one device, for the CPU; ``shape``, one device's x."""
 
-    conditionals: int = 0
-    command_buffers: int = 0
-    launches_inside: int = 0
-    launches_outside: int = 0
-    collectives: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-
-
-def plan(thunks: str, hlo: str) -> Plan:
-    """Counts a thunk sequence, as XLA dumps it: each top-level thunk is a line
-    ``NNN: kName``, the thunks it holds are indented below it."""
-    found = Plan()
-    container = None
-    for line in thunks.splitlines():
-        match = re.match(r"(\s*)\d+: (k\w+)", line)
-        if not match:
-            continue
-        indent, kind = match.groups()
-        if not indent:
-            container = kind
-        if kind == "kConditional":
-            found.conditionals += 1
-        elif kind == "kCommandBuffer":
-            found.command_buffers += 1
-        elif kind not in CONTAINERS and kind not in COLLECTIVES:
-            if indent and container == "kCommandBuffer":
-                found.launches_inside += 1
-            else:
-                found.launches_outside += 1
-    # Sizes from the HLO: the values each collective carries.
-    for op, name in (("all-reduce", "all-reduces"), ("all-gather", "all-gathers")):
-        for shapes in re.findall(rf"= (.*?) {op}(?:-start)?\(", hlo):
-            sizes = [_elements(dims) for dims in re.findall(r"[a-z]+\d+\[([\d,]*)\]", shapes)]
-            found.collectives.setdefault(name, []).append(sum(sizes))
-    return found
-
-
-def _elements(dims: str) -> int:
-    count = 1
-    for d in dims.split(","):
-        if d:
-            count *= int(d)
-    return count
-
-
-def compile_plan(function, args, path: str | None) -> Plan:
-    """Compiles ``function`` for the target and reads what it runs from XLA's dump: the
-    thunk sequence after XLA's passes over it (which form the command buffers)."""
-    with tempfile.TemporaryDirectory() as dump, _stats.scheme(path=path):
-        compiled = jax.jit(function).lower(*args).compile(
-            compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-        found = sorted(pathlib.Path(dump).glob("*.thunk_sequence*.txt"))
-        if not found:
-            raise RuntimeError(f"XLA wrote no thunk sequence to {dump}")
-        # The sequence after the thunk passes, where there is one, sorts last.
-        return plan(found[-1].read_text(), compiled.as_text())
+    name: str
+    mode: str
+    layer: str
+    shape: tuple[int, ...]
+    function: Callable
+    arguments: tuple
+    on_cpu: tuple | None
 
 
 def cases(mesh, shapes):
-    """(case, mode, function, abstract arguments) of every case."""
+    """Every case: on one device every layer, on 8 jbn and (without groups) Flax."""
     one = jax.sharding.Mesh(mesh.devices[:1], ("d",))
+    cpu = jax.sharding.Mesh(jax.devices()[:1], ("d",))
     for shape in shapes:
         for mode in MODES:
-            yield (f"1 device, {'×'.join(map(str, shape))}", mode,
-                   _step(mode, None), _arguments(one, shape, P()))
+            for layer in LAYERS:
+                train, init = _layer(layer, shape[1])
+                yield Case(f"1 device, {'×'.join(map(str, shape))}", mode, layer, shape,
+                           _step(mode, train), _arguments(one, init, shape, P()),
+                           _arguments(cpu, init, shape, P()))
     shape = (DEVICES * 8, 64, 32, 32)
     name = f"{'×'.join(map(str, shape))} (shard_map)"
     grid = jax.sharding.Mesh(mesh.devices.reshape(DEVICES // 2, 2), ("groups", "d"))
@@ -143,13 +87,17 @@ def cases(mesh, shapes):
             (f"{DEVICES} devices in groups of 2 (a (4, 2) mesh, its inner axis named), {name}",
              grid, {})):
         spec = P(step_mesh.axis_names)
-        for mode in MODES:
-            # y, or the gradients, alone: on the (4, 2) mesh each group keeps a running state
-            # of its own, which no single out_spec describes.
-            step = jax.shard_map(_first(_step(mode, "d", step_mesh.axis_names, **keywords)),
-                                 mesh=step_mesh, in_specs=(P(), P(), spec),
-                                 out_specs=(P(), spec) if mode == "grad" else spec)
-            yield case, mode, step, _arguments(step_mesh, shape, spec)
+        # Flax's groups work under jax.pmap alone.
+        for layer in ("jbn", "jbn, guarded") + (("flax",) if not keywords else ()):
+            train, init = _layer(layer, shape[1], axis_name="d", **keywords)
+            for mode in MODES:
+                # y, or the gradients, alone: on the (4, 2) mesh each group keeps a running
+                # state of its own, which no single out_spec describes.
+                step = jax.shard_map(_first(_step(mode, train, step_mesh.axis_names)),
+                                     mesh=step_mesh, in_specs=(P(), P(), spec),
+                                     out_specs=(P(), spec) if mode == "grad" else spec)
+                yield Case(case, mode, layer, (shape[0] // DEVICES, *shape[1:]), step,
+                           _arguments(step_mesh, init, shape, spec), None)
 
 
 def _first(function):
@@ -157,10 +105,34 @@ def _first(function):
     return lambda *args: function(*args)[0]
 
 
-def _step(mode: str, axis_name, devices=None, **keywords):
+def _layer(layer: str, channels: int, **keywords):
+    """``layer``'s training call ``(params, state, x) -> (y, state)``, channel on axis 1, and
+    a function making its params and state."""
+    if LAYERS[layer] is None:
+        import flax.linen as nn
+
+        module = nn.BatchNorm(use_running_average=False, axis=1, momentum=0.9,
+                              axis_name=keywords.get("axis_name"))
+
+        def train(params, state, x):
+            y, updates = module.apply({"params": params, "batch_stats": state}, x,
+                                      mutable=["batch_stats"])
+            return y, updates["batch_stats"]
+
+        def init():
+            variables = module.init(jax.random.key(0), jnp.zeros((2, channels)))
+            return variables["params"], variables["batch_stats"]
+
+        return train, init
+    options = {key: value for key, value in LAYERS[layer].items() if key != "path"}
+    train = partial(jbn.batchnorm, training=True, **options, **keywords)
+    return train, partial(jbn.init, channels, accumulation_steps=options.get(
+        "accumulation_steps"))
+
+
+def _step(mode: str, train, devices=None):
     """The training call, or with its backward pass: the gradients of a loss summed over
     ``devices`` (mesh axes)."""
-    train = partial(jbn.batchnorm, training=True, axis_name=axis_name, **keywords)
     if mode == "train":
         return train
 
@@ -176,64 +148,70 @@ def _step(mode: str, axis_name, devices=None, **keywords):
     return forward_backward
 
 
-def _arguments(mesh, shape, spec):
+def _arguments(mesh, init, shape, spec):
     replicated = NamedSharding(mesh, P())
-    params, state = jax.eval_shape(partial(jbn.init, shape[1]))
+    params, state = jax.eval_shape(init)
     abstract = partial(jax.tree.map, lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                                     sharding=replicated))
     return (abstract(params), abstract(state),
             jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec)))
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, str, str, Plan]]:
+def compile_case(case: Case) -> tuple[plans.Plan, int | None]:
+    """The H100's plan of ``case`` and, on one device, the CPU's top-level operations, each
+    compiled with its layer's statistics."""
+    with _stats.scheme(path=(LAYERS[case.layer] or {}).get("path")):
+        return (plans.compile_plan(case.function, case.arguments, "gpu"),
+                None if case.on_cpu is None
+                else plans.compile_plan(case.function, case.on_cpu, "cpu").top_level)
+
+
+def main(argv: list[str] | None = None) -> list[tuple[Case, plans.Plan, int | None]]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=pathlib.Path, default=TARGET,
-                        help=f"GPU target configuration (default: {TARGET})")
+    parser.add_argument("--target", type=pathlib.Path, default=plans.H100,
+                        help=f"GPU target configuration (default: {plans.H100.name} beside "
+                        "this file)")
     parser.add_argument("--shapes", nargs="+", type=harness.parse_shape,
                         default=list(harness.SHAPES), metavar="NxCx...",
                         help="shapes of x on one device, channel on axis 1")
     harness.add_write_option(parser, GPU_PLAN)
     args = parser.parse_args(argv)
-    from jax.experimental.topologies import get_topology_desc
-
-    try:
-        topology = get_topology_desc("h100", "cuda", target_config=args.target.read_text(),
-                                     topology=f"1x1x{DEVICES}")
-    except Exception as error:  # the plugin's errors have no common type
-        raise SystemExit("python -m benchmarks.gpu_plan needs the CUDA plugin of the "
-                         f"installed jaxlib ({jax.__version__}): see its --help. "
-                         f"({error})") from None
-    mesh = jax.sharding.Mesh(topology.devices, ("d",))
+    if plans.missing("gpu"):
+        raise SystemExit(plans.missing("gpu"))
+    devices = plans.devices("gpu", DEVICES, args.target)
+    mesh = jax.sharding.Mesh(devices, ("d",))
     command = " ".join(["python -m benchmarks.gpu_plan", *(sys.argv[1:] if argv is None
                                                             else argv)])
     lines = ["# What a GPU runs", "", f"`{command}`", "",
-             f"- **target**: {topology.devices[0].device_kind} ({args.target.name})",
+             f"- **target**: {devices[0].device_kind} ({args.target.name})",
              f"- **versions**: jax {jax.__version__}, jaxlib {jaxlib.__version__}", "",
-             "\n\n".join(__doc__.split("\n\n")[1:4]).replace("``", "`"), "",
+             "\n\n".join(__doc__.split("\n\n")[1:5]).replace("``", "`"), "",
              "<!-- --8<-- [start:table] -->"]
-    header = ["case", "mode", "statistics", "conditionals", "command buffers",
-              "launches in / outside", "all-reduces (values)", "all-gathers (values)"]
+    header = ["case", "mode", "layer", "conditionals", "command buffers",
+              "launches in / outside", "traffic (copies of x)", "all-reduces (values)",
+              "all-gathers (values)", "CPU top-level ops"]
     lines += harness.table(header, [])
     print("\n".join(lines), flush=True)
     rows = []
-    for case, mode, function, arguments in cases(mesh, args.shapes):
-        for path_name, path in PATHS.items():
-            found = compile_plan(function, arguments, path)
-            rows.append((case, mode, path_name, found))
-            lines.append(harness.table_line([
-                case, MODES[mode], path_name, str(found.conditionals),
-                str(found.command_buffers),
-                f"{found.launches_inside} / {found.launches_outside}",
-                *(f"{len(sizes)} ({', '.join(map(str, sizes))})" if sizes else "0"
-                  for sizes in (found.collectives.get(name, [])
-                                for name in ("all-reduces", "all-gathers")))]))
-            print(lines[-1], flush=True)
+    for case in cases(mesh, args.shapes):
+        found, cpu = compile_case(case)
+        rows.append((case, found, cpu))
+        lines.append(harness.table_line([
+            case.name, MODES[case.mode], case.layer, str(found.conditionals),
+            str(found.command_buffers), f"{found.launches_inside} / {found.launches_outside}",
+            f"{found.traffic / (4 * math.prod(case.shape)):.2f}",
+            *(f"{len(sizes)} ({', '.join(map(str, sizes))})" if sizes else "0"
+              for sizes in (found.collectives.get(name, [])
+                            for name in ("all-reduces", "all-gathers"))),
+            "—" if cpu is None else str(cpu)]))
+        print(lines[-1], flush=True)
     lines.append("<!-- --8<-- [end:table] -->")
     if args.write:
         GPU_PLAN.write_text("\n".join(lines) + "\n")
         print(f"wrote {GPU_PLAN}", file=sys.stderr)
     return rows
+
 
 if __name__ == "__main__":
     main()

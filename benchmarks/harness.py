@@ -114,7 +114,7 @@ def run(shapes: Sequence[tuple[int, ...]] = SHAPES, *, reps: int = 10, budget: f
         timed = {(name, mode): getattr(job, mode) for name, job in jobs.items() for mode in MODES}
         timed[FLOOR], timed[EVAL] = _floor_and_eval(x)
         log(f"{shape}: timing")
-        seconds = _time(timed, reps, budget)
+        seconds = round_robin(timed, reps, budget)
         log(f"{shape}: compile times, checks")
         reference = _numpy(jobs["jbn"].grad())
         for name, job in jobs.items():
@@ -159,7 +159,7 @@ def _floor_and_eval(x: jax.Array) -> tuple[Callable, Callable]:
             lambda: evaluate(x, params, state).block_until_ready())
 
 
-def _time(jobs: dict, reps: int, budget: float) -> dict:
+def round_robin(jobs: dict, reps: int, budget: float) -> dict:
     """Seconds of each call of each job: at least ``reps`` calls each, round-robin."""
     for job in jobs.values():
         for _ in range(3):  # compiles, touches every buffer once
