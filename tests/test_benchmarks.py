@@ -1,6 +1,10 @@
 """The benchmark harness runs end to end on a tiny shape, so that it cannot rot."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +114,95 @@ def test_running_statistics_table_shows_float32_following_float64_and_half_preci
     for (dtype, _), columns in errors.items():
         if dtype in ("bfloat16", "float16"):  # stops short, where the noise is small
             assert columns[0] > 1e-2, (dtype, columns)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# The benchmarks' commands run as users run them: a fresh process, float32 by default, one
+# CPU device (the suite's processes have x64 on and 8 virtual devices).
+COMMAND_ENVIRONMENT = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+                       "JAX_ENABLE_X64": "0"}
+SMALL_MODEL = ["--blocks", "1", "1", "1", "1", "--batch", "2", "--size", "32",
+               "--cpu-batch", "2", "--cpu-size", "32", "--budget", "0"]
+
+
+def run_command(*argv: str) -> str:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          check=True, env=COMMAND_ENVIRONMENT, cwd=ROOT, timeout=600).stdout
+
+
+def test_the_whole_model_benchmark_times_every_variant_and_writes_nothing_by_default():
+    from benchmarks import model
+
+    before = model.MODEL.stat().st_mtime_ns if model.MODEL.exists() else None
+    output = run_command("benchmarks.model", "--parts", "cpu", *SMALL_MODEL)
+    tables = markdown_tables(output)
+    figures = {row[0]: row[1:] for table in tables[1:] for row in table[2:]}
+    header = tables[1][0]
+    assert header[1:-1] == list(model.VARIANTS), header  # every variant ran
+    assert len(tables) == 1 + len(model.DTYPES)  # the targets, then a table per dtype
+    for measure in ("CPU step (ms)", "CPU compile (s)", "CPU peak temporaries (MiB)"):
+        assert all(float(cell) > 0 for cell in figures[measure][:-1]), (measure, output)
+    assert (model.MODEL.stat().st_mtime_ns if model.MODEL.exists() else None) == before
+
+
+def test_the_control_of_the_whole_model_has_no_batch_norm_and_the_others_one_per_conv():
+    import jax
+
+    from benchmarks import model
+
+    blocks = (1, 1, 1, 1)
+    convolutions = len(model.layers(blocks))
+    for variant in model.VARIANTS:
+        params, states = jax.eval_shape(
+            lambda variant=variant: model.init(model.VARIANTS[variant][1](), blocks,
+                                               jax.random.key(0)))
+        with_norm = [name for name, layer in params.items()
+                     if name != "classifier" and jax.tree.leaves(layer["norm"])]
+        assert len(with_norm) == (0 if variant == model.CONTROL else convolutions), variant
+
+
+@pytest.mark.parametrize("part", ["gpu", "tpu"])
+def test_the_whole_model_plans_compile_for_an_h100_and_a_tpu_without_either(part):
+    from benchmarks import plans
+
+    if plans.missing(part):
+        pytest.skip(plans.missing(part))
+    output = run_command("benchmarks.model", "--parts", part, "--dtypes", "float32",
+                         *SMALL_MODEL)
+    [_, table] = markdown_tables(output)
+    figures = {row[0]: row[1:-1] for row in table[2:]}
+    name = {"gpu": "H100 memory traffic (GiB)", "tpu": "TPU v5e bytes accessed (GiB)"}[part]
+    assert all(float(cell) > 0 for cell in figures[name]), output
+    if part == "gpu":
+        assert figures["H100 conditionals"] == ["0"] * len(figures[name]), output
+
+
+def test_the_gpu_run_refuses_without_a_gpu_and_runs_where_asked_to():
+    failed = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run"], capture_output=True,
+                            text=True, env=COMMAND_ENVIRONMENT, cwd=ROOT, timeout=600)
+    assert failed.returncode != 0 and "times a GPU" in failed.stderr
+    output = run_command("benchmarks.gpu_run", "--any-device", "--shapes", "8x4", "--blocks",
+                         "1", "1", "1", "1", "--batch", "2", "--size", "32", "--budget", "0")
+    layer, whole = markdown_tables(output)
+    assert {(row[0], row[2]) for row in layer[2:]} == {("8×4", "jbn"), ("8×4", "flax")}
+    assert [row[1] for row in whole[2:]] == ["jbn", "flax", "none"] * 2
+
+
+def test_the_costs_of_the_pieces_compile_on_the_installed_plans():
+    from benchmarks import plans
+
+    if plans.missing("gpu") and plans.missing("tpu"):
+        pytest.skip(plans.missing("gpu"))
+    from benchmarks import costs
+
+    before = costs.COSTS.stat().st_mtime_ns if costs.COSTS.exists() else None
+    [table] = markdown_tables(run_command("benchmarks.costs"))
+    assert [row[0] for row in table[2:]] == list(costs.CASES)
+    figures = {row[0]: row[1:] for row in table[2:]}
+    if not plans.missing("tpu"):  # a shift from x keeps the sums out of the conv's epilogue
+        assert float(figures["sums about one value of x"][2]) > float(
+            figures["sums about a given K"][2])
+    if not plans.missing("gpu"):  # the step counter is a kernel of its own
+        assert int(figures["per-channel update and a step counter"][0]) == int(
+            figures["per-channel update"][0]) + 1
+    assert (costs.COSTS.stat().st_mtime_ns if costs.COSTS.exists() else None) == before
