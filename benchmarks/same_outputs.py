@@ -2,11 +2,12 @@
 
 Computes y, the new state and the gradients of x, weight and bias (of Σ y·ct) with the jbn
 of git revision ``REV`` and with the working tree's, on a grid of calls through the public
-API only, in float64 (and float32 for the large-mean data), and compares them bit for bit.
+API only, in float64 (and float32 and bfloat16 where said), and compares them bit for bit.
 The grid: PyTorch's parity grid (ranks 2 to 5, momentum 0.1, 0.37 and None, affine or not,
 running statistics or not, eps 1e-5 and 0.1, training and eval), masks, channels-last, data
-whose mean is far from 0 (the CPU's exact path), batch renormalization, ghost batches, and
-the batch split over 8 devices under ``jax.shard_map``.
+whose mean is far from 0 (the CPU's exact path), bfloat16 data, batch renormalization, ghost
+batches, and the batch split over 8 devices under ``jax.shard_map``; each on both paths of
+the statistics (the CPU's, and the accelerators' forced on the CPU).
 
 Prints, per group of calls, how many are bit-identical and the largest difference in units
 in the last place. ``--record FILE`` only computes the grid with whichever jbn is importable
@@ -26,6 +27,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 8
+# Both paths of the statistics: the CPU's own, and the accelerators' forced on the CPU.
+PATHS = {"cpu path": None, "accelerator path": "shifted"}
+BFLOAT16 = "(bfloat16)"
 
 
 def grid():
@@ -45,9 +49,10 @@ def grid():
         if affine:
             params = {"weight": jnp.asarray(rng.normal(1, 0.5, channels), x.dtype),
                       "bias": jnp.asarray(rng.normal(0, 0.5, channels), x.dtype)}
-        if track:
-            state = {"running_mean": jnp.asarray(rng.normal(0, 1, channels), x.dtype),
-                     "running_var": jnp.asarray(rng.uniform(0.5, 2, channels), x.dtype),
+        if track:  # running statistics in at least float32, as jbn.init keeps them
+            wide = jnp.promote_types(x.dtype, jnp.float32)
+            state = {"running_mean": jnp.asarray(rng.normal(0, 1, channels), wide),
+                     "running_var": jnp.asarray(rng.uniform(0.5, 2, channels), wide),
                      "num_batches_tracked": jnp.asarray(3, jnp.int32)}
         ct = jnp.asarray(rng.normal(size=x.shape), x.dtype)
 
@@ -84,6 +89,11 @@ def grid():
             data = jnp.asarray(ratio + rng.normal(size=(64, 4, 3)), dtype)
             yield ("mean far from 0", f"mean {ratio}σ {jnp.dtype(dtype).name}",
                    case(data, True, channels=4))
+    for ratio in (0, 1e2):
+        data = jnp.asarray(ratio + rng.normal(size=(64, 4, 3)), jnp.bfloat16)
+        for training in (True, False):
+            yield ("bfloat16", f"mean {ratio}σ training {training}",
+                   case(data, training, channels=4))
     yield "renorm", "(2, 0.5)", case(x, True, channels=3, mask=mask, renorm=(2.0, 0.5))
     for size in (2, 4):
         yield ("ghost batches", f"virtual_batch_size {size}",
@@ -118,11 +128,18 @@ def record(path: str) -> None:
     import jax
     import numpy as np
 
+    from jbn import _stats
+
     jax.config.update("jax_enable_x64", True)
     results = {}
-    for group, name, run in grid():
-        for key, value in run().items():
-            results[f"{group}|{name}|{key}"] = np.asarray(value)
+    for label, forced in PATHS.items():
+        with _stats.scheme(path=forced):
+            for group, name, run in grid():
+                for key, value in run().items():
+                    value = np.asarray(value)
+                    if value.dtype.name == "bfloat16":  # NumPy saves float32 (exactly)
+                        key, value = f"{key} {BFLOAT16}", value.astype(np.float32)
+                    results[f"{group}, {label}|{name}|{key}"] = value
     np.savez(path, **results)
 
 
@@ -146,6 +163,8 @@ def compare(before: dict, after: dict) -> list[str]:
             found["outputs"].add(key.split("|")[2])
             if np.issubdtype(a.dtype, np.floating):
                 spacing = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(a.dtype))
+                if key.endswith(BFLOAT16):  # bfloat16 has 16 fewer bits than float32
+                    spacing = spacing * 2.0**16
                 found["ulps"] = max(found["ulps"], float(np.nanmax(np.abs(a - b) / spacing)))
             else:
                 found["ulps"] = float("inf")
