@@ -262,8 +262,7 @@ def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) 
     x = x.astype(compute_dtype(x.dtype))
     count, sum_x, sum_squares = plain_sums(x, valid, reduction)
 
-    def about_the_mean(totals):
-        mean = totals[0] / jnp.maximum(totals[1], 1)
+    def about_the_mean(mean):
         # Each reduction gets its own copy of the shift, opaque to XLA: it then reads x and
         # fuses its own x − shift, where a shared x − shift would be written to memory.
         for_sum, for_squares = lax.optimization_barrier((mean, mean))
@@ -281,7 +280,7 @@ def _guarded(x: Array, valid: Array | None, reduction: Reduction, bound: float) 
         safe = reduction.psum_all(jnp.where(safe, 0, 1))[0] == 0
     shift, sum_deviations, sum_squared_deviations = lax.cond(
         safe, lambda _: (jnp.zeros_like(sum_x), sum_x, sum_squares), about_the_mean,
-        lax.stop_gradient((sum_x, count)))
+        lax.stop_gradient(sum_x / jnp.maximum(count, 1)))
     return _about_shift(shift, count, sum_deviations, sum_squared_deviations)
 
 
