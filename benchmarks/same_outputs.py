@@ -89,9 +89,9 @@ def grid():
             data = jnp.asarray(ratio + rng.normal(size=(64, 4, 3)), dtype)
             yield ("mean far from 0", f"mean {ratio}σ {jnp.dtype(dtype).name}",
                    case(data, True, channels=4))
-    far = jnp.asarray(1e4 + rng.normal(size=(64, 4, 3)), jnp.float32)
-    far_mask = jnp.asarray(rng.random((64, 3)) < 0.5)
-    yield "mean far from 0", "mean 1e4σ float32, masked", case(far, True, channels=4,
+    far = jnp.asarray(1e4 + rng.normal(size=(4096, 8)), jnp.float32)
+    far_mask = jnp.asarray(rng.random(4096) < 0.5)
+    yield "mean far from 0", "mean 1e4σ float32, masked", case(far, True, channels=8,
                                                                  mask=far_mask)
     for ratio in (0, 1e2):
         data = jnp.asarray(ratio + rng.normal(size=(64, 4, 3)), jnp.bfloat16)
