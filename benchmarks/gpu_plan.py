@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jbn  # noqa: E402
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, model  # noqa: E402
 from jbn import _stats  # noqa: E402
 
 GPU_PLAN = pathlib.Path(__file__).with_name("GPU_PLAN.md")
@@ -109,21 +109,8 @@ def _layer(layer: str, channels: int, **keywords):
     """``layer``'s training call ``(params, state, x) -> (y, state)``, channel on axis 1, and
     a function making its params and state."""
     if LAYERS[layer] is None:
-        import flax.linen as nn
-
-        module = nn.BatchNorm(use_running_average=False, axis=1, momentum=0.9,
-                              axis_name=keywords.get("axis_name"))
-
-        def train(params, state, x):
-            y, updates = module.apply({"params": params, "batch_stats": state}, x,
-                                      mutable=["batch_stats"])
-            return y, updates["batch_stats"]
-
-        def init():
-            variables = module.init(jax.random.key(0), jnp.zeros((2, channels)))
-            return variables["params"], variables["batch_stats"]
-
-        return train, init
+        flax = model.flax_norm(axis=1, axis_name=keywords.get("axis_name"))
+        return flax.apply, partial(flax.init, channels)
     options = {key: value for key, value in LAYERS[layer].items() if key != "path"}
     train = partial(jbn.batchnorm, training=True, **options, **keywords)
     return train, partial(jbn.init, channels, accumulation_steps=options.get(

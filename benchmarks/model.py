@@ -92,13 +92,13 @@ def jbn_norm() -> Norm:
                                   eps=EPS))
 
 
-def flax_norm(use_fast_variance: bool = True) -> Norm:
+def flax_norm(use_fast_variance: bool = True, *, axis: int = -1, axis_name=None) -> Norm:
     """`flax.linen.BatchNorm(use_running_average=False, axis=-1, momentum=0.9)`, applied with
     `mutable=["batch_stats"]`."""
     import flax.linen as nn
 
-    module = nn.BatchNorm(use_running_average=False, axis=-1, momentum=1 - MOMENTUM,
-                          epsilon=EPS, use_fast_variance=use_fast_variance)
+    module = nn.BatchNorm(use_running_average=False, axis=axis, momentum=1 - MOMENTUM,
+                          epsilon=EPS, use_fast_variance=use_fast_variance, axis_name=axis_name)
 
     def init(channels):
         variables = module.init(jax.random.key(0), jnp.zeros((1, channels)))
