@@ -1,25 +1,52 @@
 """The examples run as a user runs them, each in its own process, and do their job:
-``train.py`` reaches its accuracy, ``data_parallel.py`` trains as one device does
-(shard_map, pmap, across 2 jax.distributed processes, with groups of devices),
+``train.py`` reaches its accuracy and labels its columns, ``data_parallel.py`` trains as one
+device does (shard_map, pmap, across 2 jax.distributed processes, with groups of devices),
 ``resnet_from_torch.py`` trains in lockstep with PyTorch, and ``accumulation.py`` gives the
 running statistics of the whole batch; with few epochs or steps for speed."""
 
 import re
+import time
 
 import pytest
 
 from helpers import run_example
 
+# An epoch of train.py: epoch, train loss, test loss, test accuracy, recalibrated, time.
+TRAIN_ROW = re.compile(r"^ *(\d+) +([\d.]+) +([\d.]+) +([\d.]+)% +([\d.]+)% +([\d.]+)$",
+                       re.MULTILINE)
 
-def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration():
+
+@pytest.fixture(scope="module")
+def train():
+    """``train.py``'s output, and the seconds it ran for, start to exit."""
+    start = time.perf_counter()
     output = run_example("train.py")
-    epochs = re.findall(r"^epoch +\d+ .* test accuracy ([\d.]+)%  recalibrated ([\d.]+)%",
-                        output, re.MULTILINE)
+    return output, time.perf_counter() - start
+
+
+def test_train_reaches_95_percent_test_accuracy_with_and_without_recalibration(train):
+    output, _ = train
+    epochs = TRAIN_ROW.findall(output)
     assert len(epochs) == 15, output
     final = re.search(r"^final test accuracy: ([\d.]+)% \(with recalibrated running "
                       r"statistics: ([\d.]+)%", output, re.MULTILINE)
     assert final is not None, output
     assert float(final.group(1)) >= 95 and float(final.group(2)) >= 95, output
+
+
+def test_train_labels_its_columns_and_times_each_epoch_in_seconds(train):
+    output, seconds = train
+    lines = output.splitlines()
+    first = next((i for i, line in enumerate(lines) if TRAIN_ROW.fullmatch(line)), 0)
+    assert first > 0, output  # a header line above the first epoch
+    header = re.split(r"\s{2,}", lines[first - 1].strip())
+    assert len(header) == len(TRAIN_ROW.fullmatch(lines[first]).groups()), output
+    time_column = header[-1]
+    assert "epoch" in time_column and "(s)" in time_column, output
+    # Per epoch, not elapsed: the epochs' times add up to no more than the whole run's,
+    # where elapsed times would add up to several times it.
+    times = [float(row[-1]) for row in TRAIN_ROW.findall(output)]
+    assert 0 < sum(times) <= seconds, (seconds, output)
 
 
 @pytest.mark.parametrize("args", [
