@@ -1,7 +1,7 @@
 """jbn: batch normalization for JAX as one pure function, with PyTorch's semantics."""
 
 from jbn._batchnorm import batch_statistics, batchnorm, init
-from jbn._layers import reset_running_stats, stale_layers, sync_running_stats
+from jbn._running_stats import reset_running_stats, stale_layers, sync_running_stats
 from jbn.interop import (
     fold,
     fold_into,

@@ -7,7 +7,7 @@ with given statistics (``normalize_with``) and its folded form (``folded``).
     y = w\\, \\hat x + b,
 
 with :math:`\\mu, \\sigma^2` the mean and biased variance of the valid values of ``x``
-(``_stats.statistics``). Differentiating through the statistics, with :math:`N` the number of
+(``_stats.measure``). Differentiating through the statistics, with :math:`N` the number of
 valid values and :math:`\\langle v\\rangle = \\frac1N \\sum_{\\text{valid}} v` their mean,
 
 .. math::
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from jbn._reduction import Reduction, compute_dtype
-from jbn._stats import Statistics, statistics
+from jbn._stats import Statistics, measure
 
 
 class Renorm(NamedTuple):
@@ -96,7 +96,7 @@ def normalize(
 
 
 def _forward(reduction, eps, x, valid, weight, bias, renorm):
-    stats = statistics(x, valid, reduction)
+    stats = measure(x, valid, reduction)
     inv_std = lax.rsqrt(stats.variance + eps)
     factors = _renorm_factors(stats, inv_std, eps, renorm)
     xhat = _standardized(reduction, x, stats, inv_std)
@@ -110,12 +110,12 @@ def _renorm_factors(stats: Statistics, inv_std: Array, eps: float,
     d = clip((μ_B − μ)/σ, −dmax, dmax), σ = √(running_var + eps), as constants."""
     if renorm is None:
         return None
-    dtype = stats.shift.dtype
+    dtype = stats.mean_head.dtype
     running_mean, running_var, rmax, dmax = (v.astype(dtype) for v in renorm)
     inv_sigma = lax.rsqrt(running_var + eps)
     r = jnp.clip(inv_sigma / inv_std, 1 / rmax, rmax)
-    # μ_B − μ with the mean's pair: (shift − μ) first, where the two may be close.
-    d = jnp.clip(((stats.shift - running_mean) + stats.mean_offset) * inv_sigma, -dmax, dmax)
+    # μ_B − μ with the mean's pair: (mean_head − μ) first, where the two may be close.
+    d = jnp.clip(((stats.mean_head - running_mean) + stats.mean_tail) * inv_sigma, -dmax, dmax)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
@@ -132,10 +132,10 @@ def _renormalized(factors: tuple[Array, Array] | None, weight: Array | None,
 
 
 def _standardized(reduction: Reduction, x: Array, stats: Statistics, inv_std: Array) -> Array:
-    # (x − shift) is exact for data near the shift; subtracting the small mean_offset
+    # (x − mean_head) is exact for data near the mean; subtracting the small mean_tail
     # afterwards keeps the mean finer than the input precision.
-    centered = x.astype(stats.shift.dtype) - reduction.per_channel(stats.shift)
-    return (centered - reduction.per_channel(stats.mean_offset)) * reduction.per_channel(inv_std)
+    centered = x.astype(stats.mean_head.dtype) - reduction.per_channel(stats.mean_head)
+    return (centered - reduction.per_channel(stats.mean_tail)) * reduction.per_channel(inv_std)
 
 
 def _affine(reduction: Reduction, xhat: Array, weight: Array | None,
@@ -164,32 +164,33 @@ def _normalize_jvp(reduction, eps, primals, tangents):
     @partial(jax.checkpoint, prevent_cse=False)
     def tangent_map(x, stats, inv_std, weight, dx, dweight, dbias):
         stats, inv_std, weight = lax.optimization_barrier((stats, inv_std, weight))
-        # One copy of the shift for the sum and one for ẏ, opaque to XLA: each x − shift then
-        # fuses into its own pass over x, where a shared one would be written to memory.
+        # The sums are about the mean's head, the shift here: one copy for the sum and one
+        # for ẏ, opaque to XLA, so that each x − shift fuses into its own pass over x, where a
+        # shared one would be written to memory.
         # Unlike the statistics, these sums take no plain path: under reverse mode they are
         # transposed into ẏ's elementwise pass, and a branch there would write its x-sized
         # output to memory, where the shift costs only a share of one reduction
         # (Σ ct·(x − shift) against Σ ct·x).
-        shift_sum, shift_dy = lax.optimization_barrier((stats.shift, stats.shift))
-        dtype = stats.shift.dtype
+        shift_sum, shift_dy = lax.optimization_barrier((stats.mean_head, stats.mean_head))
+        dtype = stats.mean_head.dtype
         dx = dx.astype(dtype)
         centered = x.astype(dtype) - reduction.per_channel(shift_sum)
         # ⟨ẋ⟩ and ⟨(x − shift)·ẋ⟩ over the whole batch: one all-reduce.
         sums = reduction.psum(reduction.sum(dx, valid), reduction.sum(centered * dx, valid))
         mean_dx, mean_centered_dx = (total / jnp.maximum(stats.count, 1) for total in sums)
-        mean_xhat_dx = (mean_centered_dx - stats.mean_offset * mean_dx) * inv_std
+        mean_xhat_dx = (mean_centered_dx - stats.mean_tail * mean_dx) * inv_std
         # ẏ = scale·ẋ + slope·x̂ + intercept, per-channel coefficients:
         scale = inv_std if weight is None else inv_std * weight
         slope = -scale * mean_xhat_dx
         intercept = -scale * mean_dx
         if dweight is not None:
             slope, intercept = slope + dweight, intercept + dbias
-        # x̂ expanded as (x − shift)·r − mean_offset·r, so that x enters once and reverse mode
+        # x̂ expanded as (x − shift)·r − mean_tail·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
         centered = x.astype(dtype) - reduction.per_channel(shift_dy)
         dy = (dx * reduction.per_channel(scale)
               + centered * reduction.per_channel(inv_std * slope)
-              + reduction.per_channel(intercept - stats.mean_offset * inv_std * slope))
+              + reduction.per_channel(intercept - stats.mean_tail * inv_std * slope))
         return dy.astype(x.dtype)
 
     dy = tangent_map(x, stats, inv_std, weight, dx, dweight, dbias)
@@ -219,14 +220,14 @@ def normalize_with(reduction: Reduction, eps: float, x: Array, mean: Array, var:
 
 def folded(weight: Array | None, bias: Array | None, mean: Array, var: Array,
            eps: float) -> tuple[Array, Array]:
-    """Eval-mode batch norm as one multiply-add: ``y = x·scale + shift`` with
-    ``scale = w/√(var + eps)`` and ``shift = b − mean·scale`` (w = 1, b = 0 without affine).
+    """Eval-mode batch norm as one multiply-add: ``y = x·scale + offset`` with
+    ``scale = w/√(var + eps)`` and ``offset = b − mean·scale`` (w = 1, b = 0 without affine).
 
     The form a layer folds into (``jbn.fold_into``); it cancels where ``normalize_with`` does
     not, for channels whose mean is large against their spread."""
     scale = _scale(weight, var.astype(compute_dtype(mean.dtype)), eps)
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return scale, shift
+    offset = -mean * scale if bias is None else bias - mean * scale
+    return scale, offset
 
 
 def _scale(weight: Array | None, var: Array, eps: float) -> Array:

@@ -1,7 +1,9 @@
-"""The one place where ``batchnorm``'s arguments are checked: ``parse`` turns them into a
-``Call``, an immutable description the numerics read, or raises a clear error at trace time.
-``check_layer`` is the one check of a layer's ``params`` and ``state``, shared by
-``batchnorm``, the converters, folding and the framework layers."""
+"""The parser: ``parse`` turns ``batchnorm``'s arguments into a ``Call``, an immutable
+description the numerics read, or raises a clear error at trace time; ``parse_micro_batches``
+does the same for ``batch_statistics``. Beside them, what every other entry point checks
+with the same messages: ``check_layer`` (a layer's ``params`` and ``state``, for the core,
+the converters, folding and the framework layers), ``number`` (a numeric option), ``check_mode``
+and ``check_eps``."""
 
 from __future__ import annotations
 
@@ -9,18 +11,19 @@ import dataclasses
 import functools
 import math
 import numbers
+import sys
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
-from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jbn._normalize import Renorm
-from jbn._reduction import Reduction
+from jbn._reduction import Reduction, axis_size
 
 PARAM_KEYS = ("weight", "bias")
 STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
@@ -31,14 +34,23 @@ LAYER_STATE_KEYS = (*STATE_KEYS, "accumulator")
 PARTIAL_KEYS = {"params": (("weight",), "alone (PyTorch's bias=False)"),
                 "state": (("running_mean", "running_var"),
                           "alone (a frozen layer's, as FrozenBatchNorm2d keeps them)")}
+# The accumulator of a state that accumulates micro-batches: the fields of ``Statistics``
+# and the calls counted, by kind: a floating scalar, a floating (C,) vector, an int count.
+ACCUMULATOR = {"count": "scalar", "degrees": "scalar", "mean_head": "vector",
+               "mean_tail": "vector", "m2": "vector", "micro_batches": "count"}
 MODES = ("tracked", "untracked", "frozen")
-
-
 POOLINGS = ("union", "micro-batches")
 
 
+def empty_accumulator(channels: int, dtype: DTypeLike) -> dict[str, Array]:
+    """An accumulator of no micro-batch: zeros of each entry's kind, counts in int32."""
+    shapes = {"scalar": (), "vector": (channels,), "count": ()}
+    return {key: jnp.zeros(shapes[kind], jnp.int32 if kind == "count" else dtype)
+            for key, kind in ACCUMULATOR.items()}
+
+
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["x", "weight", "bias", "fixed", "valid", "renorm"],
+                   data_fields=["x", "weight", "bias", "given", "valid", "renorm"],
                    meta_fields=["reduction", "updates_state", "eps", "momentum",
                                 "accumulation_steps", "within"])
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +62,9 @@ class Call:
     reduction: Reduction  # which values share the statistics
     weight: Array | None  # (C,), or None without affine; constants in a frozen layer
     bias: Array | None  # zeros for a weight alone
-    fixed: tuple[Array, Array] | None  # (mean, var) that normalize, or None: the batch's own
+    # (mean, var) given to normalize with: the running statistics in eval, or the caller's
+    # ``statistics``; None: the batch's own normalize.
+    given: tuple[Array, Array] | None
     updates_state: bool  # whether the running state learns from the batch's statistics
     eps: float
     momentum: float | None
@@ -60,45 +74,35 @@ class Call:
     within: bool  # accumulated micro-batches pooled within (ghost-style), or as one union
 
 
-def parse(
-    params: Any,
-    state: Any,
-    x: Any,
-    training: Any,
-    *,
-    mode: Any,
-    momentum: Any,
-    eps: Any,
-    axis: Any,
-    mask: Any,
-    axis_name: Hashable | tuple[Hashable, ...] | None,
-    axis_index_groups: Sequence[Sequence[int]] | None,
-    group_size: Any,
-    renorm: tuple[ArrayLike, ArrayLike] | None,
-    virtual_batch_size: Any,
-    accumulation_steps: Any,
-    accumulation_pooling: Any,
-    statistics: Any,
-) -> Call:
+class MicroBatches(NamedTuple):
+    """``batch_statistics``' arguments, parsed."""
+
+    xs: Array  # (k, N, C, ...)
+    valid: Array | None  # the masks, each shaped to broadcast against one micro-batch
+    reduction: Reduction  # of one micro-batch
+    momentum: float | None
+    updates_state: bool
+
+
+def parse(params: Any, state: Any, x: Any, training: Any, *, mode: Any, momentum: Any,
+          eps: Any, axis: Any, mask: Any, axis_name: Any, axis_index_groups: Any,
+          group_size: Any, renorm: Any, virtual_batch_size: Any, accumulation_steps: Any,
+          accumulation_pooling: Any, statistics: Any) -> Call:
     """``batchnorm``'s arguments as a ``Call``; raises ``TypeError``/``ValueError`` naming the
     argument, what was seen and what was expected."""
     _check_training(training)
-    x = _array_x(x, axis_name)
-    channel_axis = _channel_axis(axis, x.shape, axis_name)
-    _check_channels_of_x(x.shape, channel_axis, axis, params, state)
-    channels = check_layer(params, state, channels=x.shape[channel_axis])
-    batch_statistics, updates_state = _mode(mode, training, state)
-    given = _given_statistics(statistics, channels, batch_statistics)
+    x, channel_axis, channels = _input(params, state, x, axis, axis_name)
+    own_statistics, updates_state = _phase(check_mode(mode), training, state)
+    given = _given_statistics(statistics, channels, own_statistics)
     if given is not None:
-        batch_statistics = updates_state = False
+        own_statistics = updates_state = False
     if updates_state:
         _check_learnable(state)
-    _check_momentum(momentum, warn=updates_state)
-    check_eps(eps, positive=batch_statistics or given is not None)
-    ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, batch_statistics)
-    groups = _device_groups(axis_index_groups, group_size, axis_name)
-    reduction = Reduction(x.ndim, channel_axis, axis_name, groups, ghost,
-                          _ghost_sharding(x, ghost))
+    momentum = _momentum(momentum, warn=updates_state)
+    eps = check_eps(eps, positive=own_statistics or given is not None)
+    ghost = _virtual_batch_size(virtual_batch_size, x.shape, channel_axis, own_statistics)
+    reduction = Reduction.of(x, channel_axis, axis_name,
+                             _device_groups(axis_index_groups, group_size, axis_name), ghost)
     limits = _renorm_limits(renorm, state)
     steps, within = _accumulation(accumulation_steps, accumulation_pooling, state,
                                   training and mode == "tracked" and given is None, ghost)
@@ -106,19 +110,99 @@ def parse(
         raise ValueError("statistics normalize in place of the batch's own: renorm and "
                          "virtual_batch_size, which change how the batch's own normalize, "
                          "do not go with them")
-    if batch_statistics:  # normalizing with given statistics needs no other device
-        _check_values_per_channel(x.shape, reduction, _devices(reduction),
-                                  masked=mask is not None)
-    if not batch_statistics and given is None:  # the running statistics normalize
+    if own_statistics:  # normalizing with given statistics needs no other device
+        _check_values_per_channel(x.shape, reduction, masked=mask is not None)
+    if not own_statistics and given is None:  # the running statistics normalize
         given = (state["running_mean"], state["running_var"])
-    weight, bias = _affine(params, frozen=mode == "frozen")
+    weight, bias = _weight_and_bias(params, frozen=mode == "frozen")
     return Call(
-        x=x, reduction=reduction, weight=weight, bias=bias, fixed=given,
-        updates_state=updates_state,
-        eps=float(eps), momentum=momentum, valid=_valid(mask, x.shape, channel_axis),
-        renorm=None if limits is None or not batch_statistics else Renorm(
+        x=x, reduction=reduction, weight=weight, bias=bias, given=given,
+        updates_state=updates_state, eps=eps, momentum=momentum,
+        valid=_valid(mask, x.shape, channel_axis),
+        renorm=None if limits is None or not own_statistics else Renorm(
             state["running_mean"], state["running_var"], *limits),
         accumulation_steps=steps, within=within)
+
+
+def parse_micro_batches(state: Any, xs: Any, *, momentum: Any, axis: Any, mask: Any,
+                        axis_name: Any, axis_index_groups: Any,
+                        group_size: Any) -> MicroBatches:
+    """``batch_statistics``' arguments as ``MicroBatches``: each micro-batch as a training
+    call of ``batchnorm`` takes ``x`` and ``mask``, stacked along a new axis 0."""
+    if not hasattr(xs, "shape") or getattr(xs, "ndim", 0) < 2:
+        raise ValueError(f"xs must stack micro-batches along a new axis 0, got "
+                         f"{getattr(xs, 'shape', type(xs).__name__)}")
+    if mask is not None and getattr(mask, "shape", (None,))[:1] != xs.shape[:1]:
+        raise ValueError(f"mask must stack the micro-batches' masks along axis 0, as xs "
+                         f"{xs.shape} does; got {getattr(mask, 'shape', type(mask).__name__)}")
+    x, channel_axis, _ = _input({}, state, xs[0], axis, axis_name)
+    updates_state = bool(state)
+    if updates_state:
+        _check_learnable(state)
+    momentum = _momentum(momentum, warn=updates_state)
+    reduction = Reduction.of(x, channel_axis, axis_name,
+                             _device_groups(axis_index_groups, group_size, axis_name), None)
+    _check_values_per_channel(x.shape, reduction, masked=mask is not None)
+    valid = _valid(None if mask is None else mask[0], x.shape, channel_axis)
+    return MicroBatches(jnp.asarray(xs), None if mask is None else jnp.reshape(
+        mask, xs.shape[:1] + valid.shape), reduction, momentum, updates_state)
+
+
+def number(name: str, value: Any, *, integral: bool, at_least: float | None = None,
+           at_most: float | None = None, optional: bool = False) -> Any:
+    """``value`` as an int (``integral``) or a float, checked: a number of that kind (a bool
+    is none), within ``[at_least, at_most]``; None passes where ``optional``.
+
+    Raises:
+      TypeError: ``"{name} must be an int or None, got 2.0"``, ``"... a float ≥ 0, got True"``.
+      ValueError: ``"{name} must be positive, got 0"``, ``"... in [0, 1], got 1.5"``.
+    """
+    if value is None and optional:
+        return None
+    if at_most is not None:
+        bounds = f"in [{at_least}, {at_most}]"
+    elif integral and at_least == 1:
+        bounds = "positive"
+    else:
+        bounds = "" if at_least is None else f"≥ {at_least}"
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
+        expected = "an int" if integral else " ".join(filter(None, ("a float", bounds)))
+        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, "
+                        f"got {value!r}")
+    if not ((at_least is None or value >= at_least) and (at_most is None or value <= at_most)):
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return int(value) if integral else float(value)
+
+
+def check_mode(mode: Any, *, hint: Mapping[str, str] | None = None) -> str:
+    """``mode``, one of ``MODES``; ``hint`` adds to the message for values that mean
+    something elsewhere (a framework's own modes)."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {list(MODES)}; got {mode!r}")
+    if mode not in MODES:
+        why = (hint or {}).get(mode)
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}"
+                         + (f": {why}" if why else ""))
+    return mode
+
+
+def check_eps(eps: Any, *, positive: bool = False) -> float:
+    """``eps``: a float ≥ 0, and > 0 (``positive``) where the batch's own statistics
+    normalize."""
+    eps = number("eps", eps, integral=False, at_least=0)
+    if positive and eps == 0:
+        # A constant channel would divide 0 by 0; PyTorch refuses it too.
+        raise ValueError("eps must be positive when the batch's own statistics normalize "
+                         "(training, or eval with state == {}), as in PyTorch; got 0.0")
+    return eps
+
+
+def check_pooling(pooling: Any) -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"accumulation_pooling must be one of {list(POOLINGS)}, got "
+                         f"{pooling!r}")
+    return pooling
 
 
 def check_layer(params: Any, state: Any, *, channels: int | None = None,
@@ -129,8 +213,7 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
     ``weight``, ``bias``, ``running_mean``, ``running_var`` floating arrays of shape (C,);
     ``num_batches_tracked`` an int32 or int64 scalar (a narrower integer would wrap around,
     and ``momentum=None`` divides by it); and, where the state accumulates micro-batches,
-    ``accumulator``: ``count``, ``degrees`` floating scalars, ``shift``, ``mean_offset``,
-    ``m2`` of shape (C,), ``micro_batches`` an int32 or int64 scalar.
+    ``accumulator`` with the entries of ``ACCUMULATOR``.
 
     Args:
       params, state: the layer's dicts.
@@ -143,13 +226,12 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
 
     Raises:
       TypeError: for a dict that is not a mapping, and an entry that is not an array.
-      ValueError: naming the entry, for keys missing or unexpected, and for a shape or
-        dtype other than expected.
+      ValueError: naming the entry, for keys missing or unexpected (and params and state
+        passed in each other's place), and for a shape or dtype other than expected.
     """
+    _check_not_swapped(params, state)
     entries = []  # (name, value, kind)
     for kind, found, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
-        if not isinstance(found, Mapping):
-            raise TypeError(f"{kind} must be a dict, got {type(found).__name__}")
         if not found:
             continue
         optional = ("accumulator",) if kind == "state" else ()
@@ -175,33 +257,47 @@ def check_layer(params: Any, state: Any, *, channels: int | None = None,
                         for key, kind in ACCUMULATOR.items()]
     reference = None  # the name of the entry C was taken from
     for name, value, kind in entries:
-        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-        if kind == "count":
-            if shape != () or dtype not in (np.int32, np.int64):
-                raise ValueError(f"{name} must have shape () and an int32 or int64 dtype, "
-                                 f"got shape {shape} {dtype}")
-            continue
-        if kind == "scalar":
-            expected = "()"
-        else:
-            if channels is None and len(shape) == 1:
-                channels, reference = shape[0], name
-            expected = "(C,)" if channels is None else f"({channels},)"
-            if reference is not None and reference != name:
-                expected += f" (the size of {reference})"
-        if (shape != (() if kind == "scalar" else (channels,))
-                or not jnp.issubdtype(dtype, jnp.floating)):
-            raise ValueError(f"{name} must have shape {expected} and a floating dtype, "
-                             f"got shape {shape} {dtype}")
+        if kind == "vector" and channels is None and len(getattr(value, "shape", ())) == 1:
+            channels, reference = value.shape[0], name
+        _check_entry(name, value, kind, channels, reference)
     return channels
 
 
-# The entries of a state's accumulator, by kind: a floating scalar, a floating (C,) vector, a
-# count of calls (int32 or int64).
-ACCUMULATOR = {"count": "scalar", "degrees": "scalar", "shift": "vector",
-               "mean_offset": "vector", "m2": "vector", "micro_batches": "count"}
+def _check_not_swapped(params: Any, state: Any) -> None:
+    """Both dicts, and not each in the other's place (``batchnorm(state, params, ...)``)."""
+    for kind, found in (("params", params), ("state", state)):
+        if not isinstance(found, Mapping):
+            raise TypeError(f"{kind} must be a dict, got {type(found).__name__}")
+    params_look_like_state = bool(set(params) & set(LAYER_STATE_KEYS))
+    state_looks_like_params = bool(set(state) & set(PARAM_KEYS))
+    if params_look_like_state and (state_looks_like_params or not state):
+        raise ValueError(f"params and state look swapped: params has a state's keys "
+                         f"{sorted(params)}, state {sorted(state)}; pass params first, then "
+                         "state, as jbn.init returns them: params, state = jbn.init(C)")
+
+
+def _check_entry(name: str, value: Any, kind: str, channels: int | None,
+                 reference: str | None = None) -> None:
+    """One entry of a layer: a count (an int32 or int64 scalar), a floating scalar, or a
+    floating vector of shape (``channels``,), whose size was taken from ``reference``."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+    if kind == "count":
+        if shape != () or dtype not in (np.int32, np.int64):
+            raise ValueError(f"{name} must have shape () and an int32 or int64 dtype, "
+                             f"got shape {shape} {dtype}")
+        return
+    if kind == "scalar":
+        expected = "()"
+    else:
+        expected = "(C,)" if channels is None else f"({channels},)"
+        if reference is not None and reference != name:
+            expected += f" (the size of {reference})"
+    if (shape != (() if kind == "scalar" else (channels,))
+            or not jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"{name} must have shape {expected} and a floating dtype, "
+                         f"got shape {shape} {dtype}")
 
 
 def _check_training(training) -> None:
@@ -217,17 +313,9 @@ def _check_training(training) -> None:
     raise TypeError(f"training must be a Python bool, got {type(training).__name__}.{hint}")
 
 
-def _mode(mode, training: bool, state) -> tuple[bool, bool]:
+def _phase(mode: str, training: bool, state) -> tuple[bool, bool]:
     """Whether the batch's own statistics normalize, and whether the running state learns
     from them, in ``mode``."""
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be a str, one of {list(MODES)}; got {mode!r}")
-    if mode not in MODES:
-        hint = ""
-        if mode in ("ema", "batch"):
-            hint = (": eqx.nn.BatchNorm's mode chooses how it averages, where jbn averages as "
-                    "PyTorch does; leave mode out")
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}{hint}")
     if mode == "frozen":
         if not state:
             raise ValueError("mode='frozen' normalizes with the running statistics, and state "
@@ -241,8 +329,8 @@ def _mode(mode, training: bool, state) -> tuple[bool, bool]:
 
 def _check_learnable(state) -> None:
     """A state that training updates has its batch count, and running statistics of at least
-    float32: at momentum 0.01 a bfloat16 running mean's updates fall below half a unit of its
-    last place and round away (python -m benchmarks.running_stats)."""
+    float32: at a small momentum a bfloat16 running mean's updates fall below half a unit of
+    its last place and round away (python -m benchmarks.running_stats)."""
     if "num_batches_tracked" not in state:
         raise ValueError(
             "state has no 'num_batches_tracked': it is a frozen layer's (FrozenBatchNorm2d keeps "
@@ -260,7 +348,7 @@ def _check_learnable(state) -> None:
                 ".astype(jnp.float32)")
 
 
-def _affine(params, *, frozen: bool) -> tuple[Array | None, Array | None]:
+def _weight_and_bias(params, *, frozen: bool) -> tuple[Array | None, Array | None]:
     """``weight`` and ``bias``, or None without affine; a zero bias for a weight alone
     (PyTorch's ``bias=False``); constants to the derivative in a frozen layer."""
     weight, bias = params.get("weight"), params.get("bias")
@@ -269,7 +357,17 @@ def _affine(params, *, frozen: bool) -> tuple[Array | None, Array | None]:
     return lax.stop_gradient((weight, bias)) if frozen else (weight, bias)
 
 
-def _array_x(x, axis_name) -> Array:
+def _input(params, state, x, axis, axis_name) -> tuple[Array, int, int]:
+    """``x`` as an array, its channel axis (in [0, ndim)) and C, checked against the layer."""
+    channel_axis = channel_axis_of(x, axis, axis_name)
+    _check_channels_of_x(x.shape, channel_axis, axis, params, state)
+    channels = check_layer(params, state, channels=x.shape[channel_axis])
+    return jnp.asarray(x), channel_axis, channels
+
+
+def channel_axis_of(x: Any, axis: Any, axis_name: Any) -> int:
+    """``x``'s channel axis, in [0, ndim), after ``batchnorm``'s checks of ``x`` and ``axis``
+    (for a layer that makes its variables from ``x``)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -280,12 +378,11 @@ def _array_x(x, axis_name) -> Array:
             f"x must have rank ≥ 2 (batch and channel axes), got shape {x.shape}; a rank-1 x "
             "(one example of C channels) needs axis_name naming the mapped batch axis"
             if least == 2 else f"x must have rank ≥ 1, got shape {x.shape}")
-    return jnp.asarray(x)
+    return _channel_axis(axis, x.shape, axis_name)
 
 
 def _channel_axis(axis, shape: tuple[int, ...], axis_name) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int, got {axis!r}")
+    axis = number("axis", axis, integral=True)
     ndim = len(shape)
     if not -ndim <= axis < ndim:
         hint = ""
@@ -295,7 +392,7 @@ def _channel_axis(axis, shape: tuple[int, ...], axis_name) -> int:
                     "axis: for channels first, as in (C,) or (C, L), pass axis=0")
         raise ValueError(f"axis {axis} is out of range for x of rank {ndim} "
                          f"(shape {shape}){hint}")
-    return int(axis) % ndim
+    return axis % ndim
 
 
 def _check_channels_of_x(shape: tuple[int, ...], channel_axis: int, axis: int, params,
@@ -318,33 +415,31 @@ def _check_channels_of_x(shape: tuple[int, ...], channel_axis: int, axis: int, p
                      f"{shape}), {name} has {channels}{hint}")
 
 
-def check_eps(eps, *, positive: bool = False) -> None:
-    """``eps``: a float ≥ 0, and > 0 (``positive``) where the batch's own statistics
-    normalize."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float ≥ 0, got {eps!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be ≥ 0, got {eps!r}")
-    if positive and eps == 0:
-        # A constant channel would divide 0 by 0; PyTorch refuses it too.
-        raise ValueError("eps must be positive when the batch's own statistics normalize "
-                         "(training, or eval with state == {}), as in PyTorch; got 0.0")
-
-
-def _check_momentum(momentum, *, warn: bool) -> None:
-    if momentum is None:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-    if not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-    if warn and momentum >= 0.9:
-        # Four frames up: _check_momentum, parse, batchnorm, its caller.
+def _momentum(momentum, *, warn: bool) -> float | None:
+    momentum = number("momentum", momentum, integral=False, at_least=0, at_most=1,
+                      optional=True)
+    if warn and momentum is not None and momentum >= 0.9:
         warnings.warn(
             f"momentum={momentum} is the weight of the new batch (PyTorch's convention), so "
             "the running statistics follow the last batch almost entirely. Flax's and "
             "Haiku's momentum is the weight of the old value: their momentum=0.99 is "
-            "jbn's momentum=0.01.", UserWarning, stacklevel=4)
+            "jbn's momentum=0.01.", UserWarning, stacklevel=_callers_level())
+    return momentum
+
+
+# The packages whose frames lie between a user's line and the parser: jbn's own, the
+# frameworks whose layers call it, and JAX's transformations.
+_LIBRARIES = ("jbn", "flax", "equinox", "jax")
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame, from
+    the caller of ``_callers_level``'s caller outwards, outside jbn and the frameworks its
+    layers run in (directly, through a layer, or in a traced function)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _renorm_limits(renorm, state) -> tuple[Array, Array] | None:
@@ -375,15 +470,10 @@ def _renorm_limits(renorm, state) -> tuple[Array, Array] | None:
 
 
 def _virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
-                        batch_statistics: bool) -> int | None:
-    """The ghost batches' size, where batch statistics normalize; None otherwise."""
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        raise TypeError(f"virtual_batch_size must be an int or None, got {size!r}")
-    if size <= 0:
-        raise ValueError(f"virtual_batch_size must be positive, got {size}")
-    if not batch_statistics:
+                        own_statistics: bool) -> int | None:
+    """The ghost batches' size, where the batch's own statistics normalize; None otherwise."""
+    size = number("virtual_batch_size", size, integral=True, at_least=1, optional=True)
+    if size is None or not own_statistics:
         return None
     if channel_axis == 0:
         raise ValueError(f"virtual_batch_size groups the examples of axis 0, and x (shape "
@@ -392,34 +482,7 @@ def _virtual_batch_size(size, shape: tuple[int, ...], channel_axis: int,
     if shape[0] % size:
         raise ValueError(f"virtual_batch_size {size} must divide the batch: x has "
                          f"{shape[0]} examples on axis 0 (shape {shape})")
-    return int(size)
-
-
-def _ghost_sharding(x: Array, ghost: int | None) -> tuple[Any, ...] | None:
-    """Under Explicit mesh axes, the mesh axes of x's axis 0 split between the ghost batches
-    (major) and the examples of one (minor): a ghost batch lies on one device, or on the
-    devices of the minor axes exactly. None without ghost batches or Explicit axes."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if ghost is None or mesh is None or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return None
-    entry = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-    sizes = [mesh.shape[name] for name in axes]
-    devices, batches = math.prod(sizes), x.shape[0] // ghost
-    per_device = x.shape[0] // devices
-    for split in range(len(axes), -1, -1):
-        minor = math.prod(sizes[split:])
-        if (minor == 1 and batches % devices == 0) or (
-                minor > 1 and ghost == minor * per_device and batches * minor == devices):
-            return mesh, axes[:split], axes[split:]
-    raise ValueError(
-        f"virtual_batch_size {ghost} does not follow the sharding of x's axis 0 over mesh "
-        f"axes {axes} of sizes {sizes} ({per_device} examples per device): a ghost batch "
-        "must lie on one device, or on all the devices of the last mesh axes of axis 0. "
-        f"With Explicit axes, shard it over a mesh like jax.make_mesh((groups, k), "
-        f"('groups', 'group')) with P(('groups', 'group')) and virtual_batch_size = k × "
-        f"{per_device}; or use jax.shard_map with group_size=k")
+    return size
 
 
 def _device_groups(axis_index_groups, group_size, axis_name) -> tuple[tuple[int, ...], ...] | None:
@@ -435,10 +498,9 @@ def _device_groups(axis_index_groups, group_size, axis_name) -> tuple[tuple[int,
     if axis_index_groups is not None and group_size is not None:
         raise ValueError("pass group_size or axis_index_groups, not both: both say how the "
                          "devices group")
-    size = _axis_size(axis_name)
+    size = axis_size(axis_name)
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-            raise TypeError(f"group_size must be an int or None, got {group_size!r}")
+        group_size = number("group_size", group_size, integral=True, optional=True)
         if group_size <= 0 or size % group_size:
             raise ValueError(f"group_size must be positive and divide the {size} devices along "
                              f"axis_name {axis_name!r}, got {group_size}")
@@ -455,17 +517,12 @@ def _accumulation(steps, pooling, state, accumulates: bool,
                   ghost: int | None) -> tuple[int | None, bool]:
     """``accumulation_steps`` (None, or micro-batches per running update) and whether the
     micro-batches pool within, where the running state accumulates."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"accumulation_pooling must be one of {list(POOLINGS)}, got "
-                         f"{pooling!r}")
+    within = check_pooling(pooling) == "micro-batches"
+    steps = number("accumulation_steps", steps, integral=True, at_least=1, optional=True)
     if steps is None:
         return None, False
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        raise TypeError(f"accumulation_steps must be an int or None, got {steps!r}")
-    if steps <= 0:
-        raise ValueError(f"accumulation_steps must be positive, got {steps}")
     if not accumulates:  # eval, or given statistics: the running state does not learn
-        return int(steps), pooling == "micro-batches"
+        return steps, within
     if not state or "accumulator" not in state:
         raise ValueError("accumulation_steps accumulates into state['accumulator'], and "
                          f"state has keys {sorted(state)}: make the state with "
@@ -474,55 +531,26 @@ def _accumulation(steps, pooling, state, accumulates: bool,
         raise ValueError("accumulation_steps and virtual_batch_size do not go together: "
                          "accumulate the micro-batches' statistics, or pool ghost batches, "
                          "not both")
-    return int(steps), pooling == "micro-batches"
+    return steps, within
 
 
-def _given_statistics(statistics, channels, batch_statistics) -> tuple[Array, Array] | None:
+def _given_statistics(statistics, channels, own_statistics) -> tuple[Array, Array] | None:
     """``statistics``' (mean, var), where they normalize in place of the batch's own."""
     if statistics is None:
         return None
     if not isinstance(statistics, Mapping) or not {"mean", "var"} <= set(statistics):
         raise TypeError("statistics must be a dict with 'mean' and 'var' (biased), as "
                         f"jbn.batch_statistics returns, got {statistics!r}")
-    if not batch_statistics:
+    if not own_statistics:
         raise ValueError("statistics normalize in place of the batch's own, in training; in "
                          "eval the running statistics normalize (and in mode='frozen'): pass "
                          "training=True, or statistics=None")
     for key in ("mean", "var"):
-        value = statistics[key]
-        if (not hasattr(value, "shape") or tuple(value.shape) != (channels,)
-                or not jnp.issubdtype(value.dtype, jnp.floating)):
-            raise ValueError(f"statistics[{key!r}] must be a floating array of shape "
-                             f"({channels},), got {getattr(value, 'shape', type(value).__name__)}")
+        _check_entry(f"statistics[{key!r}]", statistics[key], "vector", channels)
     return statistics["mean"], statistics["var"]
 
 
-def _axis_size(axis_name) -> int:
-    """How many devices (or mapped examples) lie along ``axis_name``; checks that the named
-    axes are bound."""
-    size = 1
-    for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
-        try:
-            size *= lax.axis_size(name)
-        except NameError:
-            raise ValueError(
-                f"axis_name {name!r} is not bound: call batchnorm inside jax.pmap, "
-                f"jax.shard_map or jax.vmap that names the axis {name!r}") from None
-    return size
-
-
-def _devices(reduction: Reduction) -> int:
-    """How many devices (or mapped examples) share the statistics; checks that the named axes
-    are bound."""
-    if reduction.axis_name is None:
-        return 1
-    devices = _axis_size(reduction.axis_name)
-    if reduction.axis_index_groups is not None:
-        devices = min(len(group) for group in reduction.axis_index_groups)
-    return devices
-
-
-def _check_values_per_channel(shape: tuple[int, ...], reduction: Reduction, devices: int, *,
+def _check_values_per_channel(shape: tuple[int, ...], reduction: Reduction, *,
                               masked: bool) -> None:
     """More than one value per channel (per ghost batch), as PyTorch requires where batch
     statistics normalize."""
@@ -531,7 +559,9 @@ def _check_values_per_channel(shape: tuple[int, ...], reduction: Reduction, devi
         if ghost * math.prod(shape[i] for i in reduction.reduce_axes if i != 0) == 1:
             raise ValueError(f"Expected more than 1 value per channel in each ghost batch, "
                              f"got virtual_batch_size={ghost} for input of shape {shape}")
-    elif devices * math.prod(shape[i] for i in reduction.reduce_axes) == 1:
+        return
+    devices = reduction.devices()
+    if devices * math.prod(shape[i] for i in reduction.reduce_axes) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"of shape {shape} over {devices} device(s)"
                          + (" (before masking)" if masked else ""))

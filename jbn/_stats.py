@@ -10,11 +10,12 @@ care of:
   is a ``K`` within a few σ of the mean. How ``K`` is found differs by platform
   (``statistics``): on a CPU a branch is cheap and a second pass costs time, on a GPU or TPU a
   branch costs a host round trip and a pass costs little.
-* **The mean as a pair.** ``shift``, the mean rounded to the compute dtype, and
-  ``mean_offset``, the remainder below its rounding error. ``x − shift`` is exact for data
-  close to the mean (Sterbenz), so the normalized value ``(x − shift) − mean_offset`` is
-  finer than a mean rounded to the input precision. The remainder is formed as a sum over
-  the values divided once, so a constant channel gives exactly 0.
+* **The mean as a pair.** ``mean = mean_head + mean_tail``: ``mean_head`` in the compute
+  dtype, near the mean (the mean rounded, for one batch), and ``mean_tail`` the small rest.
+  ``x − mean_head`` is exact for data close to the mean (Sterbenz), so the normalized value
+  ``(x − mean_head) − mean_tail`` is finer than a mean rounded to the input precision. The
+  tail is formed as a sum over the values divided once, so a constant channel gives
+  exactly 0.
 * **Precision.** Sums accumulate in at least float32, whatever the input dtype.
 * **Masks.** Positions where ``valid`` is False enter neither the sums nor the count, nor
   the values the shift is sampled from.
@@ -28,7 +29,7 @@ care of:
   does not become a select that computes both.
 * **Ghost batches.** With ``virtual_batch_size = k``, every group of ``k`` consecutive
   examples along axis 0 has its own statistics, of shape (G, C), with the same sums, its own
-  shift and the same pair for the mean. A ghost batch lies within one device, so its sums
+  shift and its own pair for the mean. A ghost batch lies within one device, so its sums
   take no all-reduce.
 * **What the running state learns** (``Statistics.pooled``): the mean and the unbiased
   variance ``M2/(n − 1)`` of the valid values; over ghost batches, the mean of all valid
@@ -54,9 +55,9 @@ from jbn._reduction import Reduction, compute_dtype
 
 # The CPU's plain sums serve when every channel has mean² ≤ CANCELLATION_BOUND · variance,
 # i.e. |mean| ≤ 3σ: Σx² − (Σx)²/n then loses at most a factor 10 of the variance's relative
-# precision, and y stays within 1e-5 of float64 at the bound on every benchmark shape. Chosen
-# by measurement: python -m benchmarks.guard prints the error at each candidate bound and how
-# often the examples' training runs take the exact path with it.
+# precision, and y keeps the accuracy docs/numerics.md promises. Chosen by measurement:
+# python -m benchmarks.guard prints the error at each candidate bound and how often the
+# examples' training runs take the exact path with it.
 CANCELLATION_BOUND = 9.0
 
 # How many values of the batch the accelerators' shift is the median of: enough that a
@@ -67,20 +68,20 @@ SHIFT_SAMPLES = 33
 
 class Statistics(NamedTuple):
     """Per-channel statistics of the valid values of a batch, from its sums to the running
-    update: ``mean = shift + mean_offset``, ``M2 = Σ (x − mean)²`` over ``count`` values per
+    update: ``mean = mean_head + mean_tail``, ``M2 = Σ (x − mean)²`` over ``count`` values per
     channel (the same for every channel), and ``degrees``, what ``M2`` is divided by for the
     unbiased variance (``count − 1``, or pooled over ghost batches ``Σ (n_g − 1)``). Over
     ghost batches, one row per batch: ``count`` and ``degrees`` (G, 1), the others (G, C)."""
 
     count: Array  # (), or (G, 1)
     degrees: Array  # like count
-    shift: Array  # (C,) or (G, C): the mean, rounded to the compute dtype
-    mean_offset: Array  # mean − shift, below the rounding error of shift
+    mean_head: Array  # (C,) or (G, C), in the compute dtype: near the mean
+    mean_tail: Array  # mean − mean_head
     m2: Array
 
     @property
     def mean(self) -> Array:
-        return self.shift + self.mean_offset
+        return self.mean_head + self.mean_tail
 
     @property
     def variance(self) -> Array:
@@ -127,8 +128,8 @@ class Statistics(NamedTuple):
                                           jnp.maximum(self.degrees, 0))
         mean = sum_x / jnp.maximum(count, 1)
         offset = jnp.zeros_like(mean)
-        if fine_mean:  # shift − mean is exact: both are near the same mean
-            offset = total(self.count * ((self.shift - mean) + self.mean_offset))[0]
+        if fine_mean:  # mean_head − mean is exact: both are near the same mean
+            offset = total(self.count * ((self.mean_head - mean) + self.mean_tail))[0]
             offset = offset / jnp.maximum(count, 1)
         return Statistics(count, degrees, mean, offset, m2)
 
@@ -139,14 +140,14 @@ class Statistics(NamedTuple):
         cancels. ``within``: ``M2 = M2_a + M2_b`` and ``Σ (n − 1)`` degrees, the pooled
         within-set statistics (ghost batches'). A set of no value adds nothing.
 
-        The means stay offsets from a fixed shift, the first set's: ``δ`` is a difference of
-        offsets, as fine as the sets' own, where two rounded means ``|mean|/σ`` large would
-        lose ``δ`` to their rounding (at mean 10⁴σ in float32 the δ² term's error reached
-        1.2e-5 of the variance)."""
+        The merged mean keeps the first set's ``mean_head`` (its ``mean_tail`` then grows
+        with ``δ``): ``δ`` is a difference of tails, as fine as the sets' own, where two
+        rounded means ``|mean|/σ`` large would lose ``δ`` to their rounding and the δ² term
+        with it (``tests/test_accumulation.py`` measures it at mean 10⁴σ)."""
         count = self.count + other.count
-        shift = jnp.where(self.count > 0, self.shift, other.shift)
-        offset = jnp.where(self.count > 0, self.mean_offset, 0)  # mean_a − shift
-        delta = (other.shift - shift) + other.mean_offset - offset
+        head = jnp.where(self.count > 0, self.mean_head, other.mean_head)
+        tail = jnp.where(self.count > 0, self.mean_tail, 0)  # mean_a − head
+        delta = (other.mean_head - head) + other.mean_tail - tail
         share = other.count / jnp.maximum(count, 1)
         if within:
             m2 = self.m2 + other.m2
@@ -154,7 +155,7 @@ class Statistics(NamedTuple):
         else:
             m2 = self.m2 + other.m2 + delta * delta * self.count * share
             degrees = count - 1
-        return Statistics(count, degrees, shift, offset + delta * share, m2)
+        return Statistics(count, degrees, head, tail + delta * share, m2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ def scheme(**changes):
         jax.clear_caches()
 
 
-def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistics:
+def measure(x: Array, valid: Array | None, reduction: Reduction) -> Statistics:
     """Statistics of ``x`` over ``reduction``, counting only positions where ``valid`` is
     True.
 
@@ -203,22 +204,21 @@ def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistic
 
     * **CPU, guarded.** One pass of the plain sums ``Σx``, ``Σx²`` (``K = 0``, the cheapest
       reductions there are), then ``lax.cond``: where every channel has
-      ``mean² ≤ CANCELLATION_BOUND·σ²`` they serve, with ``y`` within 1e-5 of float64 at the
-      bound; otherwise a second pass about their mean, exact whatever the data. A
-      conditional costs microseconds on a CPU, a second pass over ``x`` more.
+      ``mean² ≤ CANCELLATION_BOUND·σ²`` they serve; otherwise a second pass about their
+      mean, exact whatever the data. A conditional costs microseconds on a CPU, a second
+      pass over ``x`` more.
     * **GPU, TPU, every other platform: shifted.** No data-dependent conditional (on a GPU
       each one copies its predicate to the host and waits for the device, and splits the
       CUDA graph); one pass over ``x`` for ``Σ (x − K)``, ``Σ (x − K)²``, where ``K`` is the
       median of ``SHIFT_SAMPLES`` valid values spread over the batch (``_sampled_shift``)
       and, across devices, the count-weighted mean of the devices' medians. A median is
       within σ of the mean for any distribution, and a sample median far from it needs more
-      than half of the sampled values to be. Where the data put more than half of them
-      ``d·σ`` from the mean (a cluster of outliers exactly at the sampled positions), the
-      error of ``y`` grows as about ``1e-6·d²`` (float32, up to 2²⁰ values per channel):
-      the worst case, and the only one above 1e-5.
+      than half of the sampled values to be: only a cluster of outliers exactly at the
+      sampled positions moves it, and the error of ``y`` then grows with the square of its
+      distance.
 
-    Both keep ``y`` within 1e-5 of float64 where ``|y| ≤ 10`` and within ``1e-6·|y|``
-    beyond, at mean/σ up to 10⁴, for float32 ``x``; a constant channel gives exactly 0.
+    Both keep the accuracy that docs/numerics.md promises, and measures with
+    ``python -m benchmarks.accuracy``; a constant channel gives exactly 0.
 
     Across devices the CPU's path takes one all-reduce of ``2C + 1`` values (count, ``Σx``,
     ``Σx²``) and, on its exact branch, a second of ``2C``; the accelerators' path one of
@@ -236,13 +236,13 @@ def statistics(x: Array, valid: Array | None, reduction: Reduction) -> Statistic
       with ghost batches (``reduction.virtual_batch_size``), one row per batch, each within
       its device.
     """
-    return _statistics(x, valid, reduction, _scheme)
+    return _measure(x, valid, reduction, _scheme)
 
 
 # Jitted so that an eager call compiles its branches once per shape rather than on every call
 # (lax.cond traces the closures it is given anew); inside a traced function it is inlined.
 @partial(jax.jit, static_argnames=("reduction", "scheme"))
-def _statistics(x: Array, valid: Array | None, reduction: Reduction,
+def _measure(x: Array, valid: Array | None, reduction: Reduction,
                 scheme: Scheme) -> Statistics:
     guarded = partial(_guarded, x, valid, reduction, scheme.bound)
     shifted = partial(_shifted, x, valid, reduction, scheme.samples)
@@ -404,9 +404,9 @@ def _about_shift(shift: Array, count: Array, sum_deviations: Array,
     # The remainder as a sum over the values, divided once: for a constant channel the sum
     # of (x − shift) is n·(x − shift) exactly, so this is exactly 0 (and y too), however the
     # division rounds.
-    mean_offset = ((shift - mean) * n + sum_deviations) / n
+    mean_tail = ((shift - mean) * n + sum_deviations) / n
     m2 = jnp.maximum(sum_squared_deviations - sum_deviations * offset, 0)
-    return Statistics(count, count - 1, mean, mean_offset, m2)
+    return Statistics(count, count - 1, mean, mean_tail, m2)
 
 
 @jax.custom_batching.custom_vmap

@@ -15,26 +15,11 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
-from jbn._batchnorm import Params, State, batchnorm, init
-from jbn._call import LAYER_STATE_KEYS, PARAM_KEYS
-from jbn._layers import (
-    LAYER,
-    FoldReport,
-    Recording,
-    check_loadable,
-    dotted,
-    hashable,
-    max_difference,
-)
+from jbn import _layer, _parse, _running_stats
+from jbn._batchnorm import Params, State, init
 from jbn.interop.folding import fold_into
 
-try:
-    import equinox as eqx
-except ModuleNotFoundError as error:
-    if error.name != "equinox":
-        raise
-    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Equinox, which is not "
-                              "installed: pip install 'jbn[equinox]'", name=error.name) from error
+eqx = _layer.framework("equinox", __name__, "Equinox", "equinox")
 
 __all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
@@ -91,9 +76,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ``jbn.batchnorm``'s.
 
     Raises:
-      ValueError: for ``axis=0`` without ``axis_name`` (one example alone has no batch to
-        take statistics over); bad values of the others raise when the layer is called, as
-        ``jbn.batchnorm`` does.
+      TypeError, ValueError: as ``jbn.batchnorm`` for its options, when the layer is built;
+        for ``axis=0`` without ``axis_name`` (one example alone has no batch to take
+        statistics over); for ``epsilon`` (the layer takes ``eps``).
 
     Equinox: ``eqx.nn.BatchNorm(mode="batch")`` with ``momentum = 1 − jbn momentum``, but an
     unbiased running variance (n/(n − 1) times Equinox's) and no debiasing at inference
@@ -118,6 +103,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     accumulation_steps: int | None = eqx.field(static=True)
     accumulation_pooling: str = eqx.field(static=True)
 
+    @_layer.other_names({"epsilon": "eps"}, like="eqx.nn.BatchNorm")
     def __init__(
         self,
         input_size: int,
@@ -139,6 +125,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         accumulation_steps: int | None = None,
         accumulation_pooling: Literal["union", "micro-batches"] = "union",
     ):
+        layer_options = _layer.options(
+            mode=mode, momentum=momentum, eps=eps, axis=axis, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, group_size=group_size, renorm=renorm,
+            virtual_batch_size=virtual_batch_size, accumulation_steps=accumulation_steps,
+            accumulation_pooling=accumulation_pooling, mode_hint=dict.fromkeys(
+                ("ema", "batch"), "eqx.nn.BatchNorm's mode chooses how it averages, where jbn "
+                "averages as PyTorch does; leave mode out"))
         if axis_name is None and axis == 0 and mode != "frozen":
             raise ValueError(
                 "axis=0 is the channel axis of one example, whose batch is a jax.vmap axis: "
@@ -157,18 +150,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.weight, self.bias = params.get("weight"), params.get("bias")
         self.state_index = eqx.nn.StateIndex(state) if state else None
         self.inference = inference
-        self.renorm = renorm
         self.input_size = input_size
-        self.axis_name = hashable(axis_name)
         self.eps = eps
-        self.momentum = momentum
-        self.axis = axis
-        self.mode = mode
-        self.axis_index_groups = hashable(axis_index_groups)
-        self.virtual_batch_size = virtual_batch_size
-        self.group_size = group_size
-        self.accumulation_steps = accumulation_steps
-        self.accumulation_pooling = accumulation_pooling
+        for name, value in layer_options.items():
+            setattr(self, name, value)
 
     def __call__(
         self,
@@ -178,8 +163,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         key: Any = None,
         inference: bool | None = None,
         mask: Array | None = None,
-        momentum: float | None = LAYER,
-        renorm: tuple[ArrayLike, ArrayLike] | None = LAYER,
+        momentum: float | None = _layer.LAYER,
+        renorm: tuple[ArrayLike, ArrayLike] | None = _layer.LAYER,
         statistics: Mapping[str, Array] | None = None,
     ) -> tuple[Array, eqx.nn.State]:
         """Normalizes ``x``, and where the running statistics learn returns the state with
@@ -203,16 +188,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         if inference is None:
             inference = self.inference
-        params, layer_state = self.layer_params(state), self.layer_state(state)
-        y, new = batchnorm(
-            params, layer_state, x, not inference, mode=self.mode,
-            momentum=self.momentum if momentum is LAYER else momentum, eps=self.eps,
-            axis=self.axis, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, group_size=self.group_size,
-            renorm=self.renorm if renorm is LAYER else renorm,
-            virtual_batch_size=self.virtual_batch_size,
-            accumulation_steps=self.accumulation_steps,
-            accumulation_pooling=self.accumulation_pooling, statistics=statistics)
+        layer_state = self.layer_state(state)
+        y, new = _layer.forward(self, self.layer_params(state), layer_state, x, not inference,
+                                eps=self.eps, mask=mask, momentum=momentum, renorm=renorm,
+                                statistics=statistics)
         # Only an update changes the state; setting it would also invalidate the caller's.
         if new is not layer_state:
             state = state.set(self.state_index, new)
@@ -223,8 +202,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         fields, or from the model's ``eqx.nn.State`` for a frozen layer."""
         if self.mode == "frozen" and self.state_index is not None:
             return {name: value for name, value in state.get(self.state_index).items()
-                    if name in PARAM_KEYS}
-        return {name: getattr(self, name) for name in PARAM_KEYS
+                    if name in _parse.PARAM_KEYS}
+        return {name: getattr(self, name) for name in _parse.PARAM_KEYS
                 if getattr(self, name) is not None}
 
     def layer_state(self, state: eqx.nn.State) -> State:
@@ -233,7 +212,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if self.state_index is None:
             return {}
         return {name: value for name, value in state.get(self.state_index).items()
-                if name in LAYER_STATE_KEYS}
+                if name in _parse.LAYER_STATE_KEYS}
 
 
 def get_layers(model: Any, state: eqx.nn.State) -> tuple[dict[str, Params], dict[str, State]]:
@@ -283,8 +262,9 @@ def set_layers(
         ``dtype`` matching, e.g. float64 for a float64 PyTorch model).
     """
     layers = _layers(model)
-    check_loadable({path: (layer.layer_params(state), layer.layer_state(state))
-                    for path, layer in layers.items()}, params, layer_states, "layer_states")
+    _layer.check_loadable({path: (layer.layer_params(state), layer.layer_state(state))
+                           for path, layer in layers.items()}, params, layer_states,
+                          "layer_states")
     for path, layer in layers.items():
         if layer.state_index is not None:
             frozen = params[path] if layer.mode == "frozen" else {}
@@ -293,8 +273,8 @@ def set_layers(
     def load(keys, leaf):
         if not isinstance(leaf, BatchNorm) or leaf.weight is None:
             return leaf
-        new = params[dotted(keys)]
-        names = [name for name in PARAM_KEYS if getattr(leaf, name) is not None]
+        new = params[_running_stats.dotted(keys)]
+        names = [name for name in _parse.PARAM_KEYS if getattr(leaf, name) is not None]
         return eqx.tree_at(lambda layer: [getattr(layer, name) for name in names], leaf,
                            [new[name] for name in names])
 
@@ -318,24 +298,11 @@ def fold_model(
     x: Any,
     *,
     forward: Callable[[Any, eqx.nn.State, Any], Any] | None = None,
-) -> tuple[Any, FoldReport]:
+) -> tuple[Any, _layer.FoldReport]:
     """``model`` for inference, each ``jbn.equinox.BatchNorm`` that directly follows an
-    ``eqx.nn.Conv`` (1-D, 2-D, 3-D) or ``eqx.nn.Linear`` folded into it.
-
-    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
-              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
-              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
-
-    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
-    ``Folded``, which passes its input and the state through. Which batch norm follows
-    which layer is seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear
-    whose output array is the batch norm's input, each running once and that output going
-    to no other layer. Anything else stays as it was: an activation or a residual sum in
-    between, a batch norm that normalizes with batch statistics in eval (no running
-    statistics, or ``mode="untracked"``), or one over another axis than the layer's output
-    channels (axis 0 of one example). An elementwise use of the layer's output besides the
-    batch norm (``conv(x) + bn(conv(x))``) is not seen, and shows in the reported
-    difference.
+    ``eqx.nn.Conv`` (1-D, 2-D, 3-D) or ``eqx.nn.Linear`` folded into it (``jbn.fold_into``)
+    and replaced by ``Folded``. Which batch norm follows which layer is seen by tracing
+    ``forward`` once; the guide *Folding* says what folds and what stays.
 
     Args:
       model: an Equinox module (any pytree).
@@ -344,27 +311,24 @@ def fold_model(
       x: an input to run the model on, in inference mode.
       forward: ``forward(model, state, x)`` returns the model's output (any pytree of
         arrays); by default ``model(x, state)[0]``. A model of one example is run under
-        ``jax.vmap`` here, with or without ``axis_name`` (inference binds none). It is
-        traced once (``eqx.filter_eval_shape``) and run twice: pass it jitted
-        (``eqx.filter_jit``) to run compiled.
+        ``jax.vmap`` here, with or without ``axis_name`` (inference binds none). Traced once
+        (``eqx.filter_eval_shape``) and run twice: pass it jitted (``eqx.filter_jit``) to
+        run compiled.
 
     Returns:
-      ``(folded, report)``: the folded model, in inference mode, and a ``FoldReport``:
-      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
-      batch norm left in place and why; ``report.max_difference``, the largest absolute
-      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
-      of the folded multiply-add: see ``jbn.fold``).
+      ``(folded, report)``: the folded model, in inference mode, and its ``FoldReport``.
 
-    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
-    Conv–BatchNorm pairs the same way.
+    PyTorch: ``torch.ao.quantization.fuse_modules``, which folds the same pairs.
     """
     forward = forward or (lambda model, state, x: model(x, state)[0])
     reference = eqx.nn.inference_mode(model)
-    recording = Recording()
+    recording = _layer.Recording()
     recorded = _map_foldable(reference, lambda path, layer: _Recorded(layer, path, recording))
     eqx.filter_eval_shape(forward, recorded, state, x)  # tracing is all the recording needs
-    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer, state)
-                                  for path, layer in _layers(reference).items()})
+    pairs, left = recording.plan({
+        path: functools.partial(_layer.why_unfoldable, bool(layer.layer_state(state)), layer.mode,
+                                layer.axis, channel_axis=0)
+        for path, layer in _layers(reference).items()})
     batchnorms = _layers(reference)
     following = dict(pairs)  # layer path → the batch norm folded into it
 
@@ -386,8 +350,8 @@ def fold_model(
         return folded
 
     folded = _map_foldable(reference, fold)
-    return folded, FoldReport(pairs, left, max_difference(forward(reference, state, x),
-                                                          forward(folded, state, x)))
+    difference = _layer.max_difference(forward(reference, state, x), forward(folded, state, x))
+    return folded, _layer.FoldReport(pairs, left, difference)
 
 
 class _Recorded(eqx.nn.StatefulLayer):
@@ -395,18 +359,14 @@ class _Recorded(eqx.nn.StatefulLayer):
 
     layer: Any
     path: str = eqx.field(static=True)
-    recording: Recording = eqx.field(static=True)
+    recording: _layer.Recording = eqx.field(static=True)
 
     def is_stateful(self) -> bool:
         return isinstance(self.layer, BatchNorm)
 
     def __call__(self, x, *args, **kwargs):
-        if isinstance(self.layer, BatchNorm):
-            self.recording.batchnorm(self.path, x)
-            return self.layer(x, *args, **kwargs)
-        y = self.layer(x, *args, **kwargs)
-        self.recording.layer(self.path, x, y)
-        return y
+        return self.recording.run(self.path, self.layer, isinstance(self.layer, BatchNorm), x,
+                                  args, kwargs)
 
 
 def _is_foldable(node: Any) -> bool:
@@ -416,19 +376,8 @@ def _is_foldable(node: Any) -> bool:
 def _map_foldable(model: Any, replace: Callable[[str, Any], Any]) -> Any:
     """``model`` with each Conv, Linear and jbn batch norm replaced by ``replace(path, it)``."""
     return jax.tree_util.tree_map_with_path(
-        lambda keys, node: replace(dotted(keys), node) if _is_foldable(node) else node, model,
-        is_leaf=_is_foldable)
-
-
-def _unfoldable(layer: BatchNorm, state: eqx.nn.State, ndim: int) -> str | None:
-    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
-    if not layer.layer_state(state) or layer.mode == "untracked":
-        return ("normalizes with the batch's statistics in eval (no running statistics, or "
-                "mode 'untracked')")
-    if layer.axis % ndim != 0:
-        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
-                "channels first")
-    return None
+        lambda keys, node: (replace(_running_stats.dotted(keys), node) if _is_foldable(node)
+                            else node), model, is_leaf=_is_foldable)
 
 
 def _is_layer(node: Any) -> bool:
@@ -436,6 +385,6 @@ def _is_layer(node: Any) -> bool:
 
 
 def _layers(model: Any) -> dict[str, BatchNorm]:
-    return {dotted(keys): leaf
+    return {_running_stats.dotted(keys): leaf
             for keys, leaf in jax.tree_util.tree_leaves_with_path(model, is_leaf=_is_layer)
             if _is_layer(leaf)}

@@ -13,26 +13,11 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
-from jbn._batchnorm import Params, State, batchnorm, init
-from jbn._call import LAYER_STATE_KEYS, PARAM_KEYS
-from jbn._layers import (
-    LAYER,
-    FoldReport,
-    Recording,
-    check_loadable,
-    dotted,
-    hashable,
-    max_difference,
-)
+from jbn import _layer, _parse, _running_stats
+from jbn._batchnorm import Params, State, init
 from jbn.interop.folding import fold_into
 
-try:
-    from flax import nnx
-except ModuleNotFoundError as error:
-    if error.name != "flax":
-        raise
-    raise ModuleNotFoundError(f"{__name__} is jbn's layer for Flax NNX, which is not "
-                              "installed: pip install 'jbn[flax]'", name=error.name) from error
+nnx = _layer.framework("flax.nnx", __name__, "Flax NNX", "flax")
 
 __all__ = ["BatchNorm", "Folded", "fold_model", "get_layers", "set_layers"]
 
@@ -86,8 +71,9 @@ class BatchNorm(nnx.Module):
       rngs: ignored (nothing is random here), so that ``nnx.BatchNorm``'s call site works.
 
     Raises:
-      ValueError: for ``use_bias=True`` with ``use_scale=False``; bad values of the others
-        raise when the layer is called, as ``jbn.batchnorm`` does.
+      TypeError, ValueError: as ``jbn.batchnorm`` for its options, when the layer is built;
+        for ``use_bias=True`` with ``use_scale=False``; for ``eps`` (the layer takes
+        ``epsilon``).
 
     Flax: ``nnx.BatchNorm`` with ``momentum = 1 − jbn momentum``, but an unbiased running
     variance (n/(n − 1) times Flax's) and the cumulative average for ``momentum=None``.
@@ -96,6 +82,7 @@ class BatchNorm(nnx.Module):
     ``mode="frozen"``: torchvision's ``FrozenBatchNorm2d``.
     """
 
+    @_layer.other_names({"eps": "epsilon"}, like="nnx.BatchNorm")
     def __init__(
         self,
         num_features: int,
@@ -120,10 +107,12 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         del rngs
-        if use_bias and not use_scale:
-            raise ValueError("use_bias=True with use_scale=False is a bias without a weight, "
-                             "which jbn does not have: use use_scale=True (a weight of ones "
-                             "computes the same) or use_bias=False")
+        layer_options = _layer.options(
+            mode=mode, momentum=momentum, eps=epsilon, axis=axis, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, group_size=group_size, renorm=renorm,
+            virtual_batch_size=virtual_batch_size, accumulation_steps=accumulation_steps,
+            accumulation_pooling=accumulation_pooling)
+        _layer.check_scale_and_bias(use_scale, use_bias)
         params, state = init(num_features, affine=use_scale, bias=use_bias,
                              track_running_stats=track_running_stats, dtype=param_dtype,
                              accumulation_steps=accumulation_steps)
@@ -132,23 +121,17 @@ class BatchNorm(nnx.Module):
         trainable = nnx.BatchStat if mode == "frozen" else nnx.Param
         if mode == "frozen":
             state.pop("num_batches_tracked", None)
-        for name in PARAM_KEYS:
+        for name in _parse.PARAM_KEYS:
             setattr(self, name, trainable(params[name]) if name in params else nnx.data(None))
-        for name in LAYER_STATE_KEYS:
+        for name in _parse.LAYER_STATE_KEYS:
             setattr(self, name, nnx.BatchStat(state[name]) if name in state else nnx.data(None))
         self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
-        self.axis_name = hashable(axis_name)
-        self.axis_index_groups = hashable(axis_index_groups)
-        self.mode = mode
-        self.renorm = nnx.data(renorm)  # arrays may be traced: a schedule does not recompile
-        self.virtual_batch_size = virtual_batch_size
-        self.group_size = group_size
-        self.accumulation_steps = accumulation_steps
-        self.accumulation_pooling = accumulation_pooling
+        # renorm's arrays may be traced: a schedule does not recompile.
+        layer_options["renorm"] = nnx.data(renorm)
+        for name, value in layer_options.items():
+            setattr(self, name, value)
 
     def __call__(
         self,
@@ -156,8 +139,8 @@ class BatchNorm(nnx.Module):
         use_running_average: bool | None = None,
         *,
         mask: Array | None = None,
-        momentum: float | None = LAYER,
-        renorm: tuple[ArrayLike, ArrayLike] | None = LAYER,
+        momentum: float | None = _layer.LAYER,
+        renorm: tuple[ArrayLike, ArrayLike] | None = _layer.LAYER,
         statistics: Mapping[str, Array] | None = None,
     ) -> Array:
         """Normalizes ``x``; where the running statistics learn, updates them in place.
@@ -179,15 +162,9 @@ class BatchNorm(nnx.Module):
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
         state = self.state
-        y, new_state = batchnorm(
-            self.params, state, x, not use_running_average, mode=self.mode,
-            momentum=self.momentum if momentum is LAYER else momentum, eps=self.epsilon,
-            axis=self.axis, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, group_size=self.group_size,
-            renorm=self.renorm if renorm is LAYER else renorm,
-            virtual_batch_size=self.virtual_batch_size,
-            accumulation_steps=self.accumulation_steps,
-            accumulation_pooling=self.accumulation_pooling, statistics=statistics)
+        y, new_state = _layer.forward(self, self.params, state, x, not use_running_average,
+                                      eps=self.epsilon, mask=mask, momentum=momentum,
+                                      renorm=renorm, statistics=statistics)
         if new_state is not state:  # only an update: writing would add outputs to a trace
             for name, value in new_state.items():
                 getattr(self, name).set_value(value)
@@ -197,14 +174,14 @@ class BatchNorm(nnx.Module):
     def params(self) -> Params:
         """``{"weight", "bias"}`` as arrays, ``{"weight"}``, or ``{}``: the layer's jbn
         params (constants in a frozen layer)."""
-        return {name: getattr(self, name)[...] for name in PARAM_KEYS
+        return {name: getattr(self, name)[...] for name in _parse.PARAM_KEYS
                 if getattr(self, name) is not None}
 
     @property
     def state(self) -> State:
         """``{"running_mean", "running_var", "num_batches_tracked"}`` as arrays (without the
         count in a frozen layer; with ``"accumulator"`` where it accumulates), or ``{}``."""
-        return {name: getattr(self, name).get_value() for name in LAYER_STATE_KEYS
+        return {name: getattr(self, name).get_value() for name in _parse.LAYER_STATE_KEYS
                 if getattr(self, name) is not None}
 
     def set_view(self, use_running_average: bool | None = None):
@@ -249,8 +226,8 @@ def set_layers(model: nnx.Module, params: dict[str, Params], state: dict[str, St
         ``dtype`` matching, e.g. float64 for a float64 PyTorch model).
     """
     layers = _layers(model)
-    check_loadable({path: (layer.params, layer.state) for path, layer in layers.items()},
-                   params, state, "state")
+    _layer.check_loadable({path: (layer.params, layer.state) for path, layer in layers.items()},
+                          params, state, "state")
     for path, layer in layers.items():
         for name, value in {**params[path], **state[path]}.items():
             getattr(layer, name).set_value(value)
@@ -271,53 +248,38 @@ def fold_model(
     x: Any,
     *,
     forward: Callable[[nnx.Module, Any], Any] | None = None,
-) -> tuple[nnx.Module, FoldReport]:
+) -> tuple[nnx.Module, _layer.FoldReport]:
     """A copy of ``model`` for inference, each ``jbn.nnx.BatchNorm`` that directly follows an
-    ``nnx.Conv`` or ``nnx.Linear`` folded into it.
-
-    .. math:: K' = K\\, s, \\qquad b' = b\\, s + t, \\qquad
-              s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\quad
-              t = \\mathrm{bias} - \\mathrm{running\\_mean}\\cdot s
-
-    (``jbn.fold_into``; the layer gains a bias if it had none), and the batch norm becomes
-    ``Folded``, which passes its input through. Which batch norm follows which layer is
-    seen by tracing ``forward`` on ``x`` once: a pair is a Conv or Linear whose output array
-    is the batch norm's input, each running once and that output going to no other layer.
-    Anything else stays as it was: an activation or a residual sum in between, a batch norm
-    that normalizes with batch statistics in eval (no running statistics, or
-    ``mode="untracked"``), or one over another axis than the layer's output channels. An
-    elementwise use of the layer's output besides the batch norm (``conv(x) + bn(conv(x))``)
-    is not seen, and shows in the reported difference.
+    ``nnx.Conv`` or ``nnx.Linear`` folded into it (``jbn.fold_into``) and replaced by
+    ``Folded``. Which batch norm follows which layer is seen by tracing ``forward`` once; the
+    guide *Folding* says what folds and what stays.
 
     Args:
       model: an NNX module; it is left as it is.
       x: an input to run the model on, in eval mode.
       forward: ``forward(model, x)`` returns the model's output (any pytree of arrays);
-        ``model(x)`` by default. It is traced once (``nnx.eval_shape``) and run twice:
-        pass it jitted (``nnx.jit``) to run compiled.
+        ``model(x)`` by default. Traced once (``nnx.eval_shape``) and run twice: pass it
+        jitted (``nnx.jit``) to run compiled.
 
     Returns:
-      ``(folded, report)``: the folded copy, in eval mode, and a ``FoldReport``:
-      ``report.pairs``, the ``(layer, batch norm)`` paths folded; ``report.left``, each
-      batch norm left in place and why; ``report.max_difference``, the largest absolute
-      difference between the folded and the unfolded model's outputs on ``x`` (the rounding
-      of the folded multiply-add: see ``jbn.fold``).
+      ``(folded, report)``: the folded copy, in eval mode, and its ``FoldReport``.
 
-    PyTorch: ``torch.fx``'s ``fuse`` and ``torch.ao.quantization.fuse_modules``, which fold
-    Conv–BatchNorm pairs the same way.
+    PyTorch: ``torch.ao.quantization.fuse_modules``, which folds the same pairs.
     """
     forward = forward or (lambda model, x: model(x))
     reference = nnx.clone(model)
     reference.eval()
-    recording = Recording()
+    recording = _layer.Recording()
     recorded = nnx.clone(reference)
     for keys, module in _foldable(recorded):
-        _replace(recorded, keys, _Recorded(module, dotted(keys), recording))
+        _replace(recorded, keys, _Recorded(module, _running_stats.dotted(keys), recording))
     nnx.eval_shape(forward, recorded, x)  # tracing is all the recording needs
-    pairs, left = recording.plan({path: functools.partial(_unfoldable, layer)
-                                  for path, layer in _layers(reference).items()})
+    pairs, left = recording.plan({
+        path: functools.partial(_layer.why_unfoldable, bool(layer.state), layer.mode, layer.axis,
+                                channel_axis=-1)
+        for path, layer in _layers(reference).items()})
     folded = nnx.clone(reference)
-    modules = {dotted(keys): (keys, module) for keys, module in _foldable(folded)}
+    modules = {_running_stats.dotted(keys): (keys, module) for keys, module in _foldable(folded)}
     for layer_path, batchnorm_path in pairs:
         layer = modules[layer_path][1]
         keys, batchnorm = modules[batchnorm_path]
@@ -332,40 +294,25 @@ def fold_model(
         else:
             layer.bias[...] = bias
         _replace(folded, keys, Folded())
-    return folded, FoldReport(pairs, left, max_difference(forward(reference, x),
-                                                          forward(folded, x)))
+    difference = _layer.max_difference(forward(reference, x), forward(folded, x))
+    return folded, _layer.FoldReport(pairs, left, difference)
 
 
 class _Recorded(nnx.Module):
     """A layer of the model, run as it is, whose call ``fold_model`` records."""
 
-    def __init__(self, layer: nnx.Module, path: str, recording: Recording):
+    def __init__(self, layer: nnx.Module, path: str, recording: _layer.Recording):
         self.layer, self.path, self.recording = layer, path, recording
 
     def __call__(self, x, *args, **kwargs):
-        if isinstance(self.layer, BatchNorm):
-            self.recording.batchnorm(self.path, x)
-            return self.layer(x, *args, **kwargs)
-        y = self.layer(x, *args, **kwargs)
-        self.recording.layer(self.path, x, y)
-        return y
+        return self.recording.run(self.path, self.layer, isinstance(self.layer, BatchNorm), x,
+                                  args, kwargs)
 
 
 def _foldable(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     """The Conv, Linear and jbn batch norm modules of ``model``, with their key paths."""
     return [(keys, module) for keys, module in nnx.iter_modules(model)
             if isinstance(module, (nnx.Conv, nnx.Linear, BatchNorm))]
-
-
-def _unfoldable(layer: BatchNorm, ndim: int) -> str | None:
-    """Why ``layer``, given input of rank ``ndim``, does not fold into the layer before it."""
-    if not layer.state or layer.mode == "untracked":
-        return ("normalizes with the batch's statistics in eval (no running statistics, or "
-                "mode 'untracked')")
-    if layer.axis % ndim != ndim - 1:
-        return (f"normalizes axis {layer.axis}, where the layer before it puts its output "
-                "channels last")
-    return None
 
 
 def _replace(model: nnx.Module, keys: tuple, new: nnx.Module) -> None:
@@ -384,5 +331,5 @@ def _replace(model: nnx.Module, keys: tuple, new: nnx.Module) -> None:
 
 
 def _layers(model: nnx.Module) -> dict[str, BatchNorm]:
-    return {dotted(path): module for path, module in nnx.iter_modules(model)
+    return {_running_stats.dotted(path): module for path, module in nnx.iter_modules(model)
             if isinstance(module, BatchNorm)}

@@ -243,17 +243,6 @@ def test_given_statistics_normalize_as_constants_keeping_only_the_direct_derivat
     np.testing.assert_allclose(vjp_whole(ct)[0], ct * scale + dropped, **CLOSE)
 
 
-def test_stale_layers_and_reset_know_the_accumulator():
-    params, state = jbn.init(C, accumulation_steps=2)
-    _, after = jbn.batchnorm(params, state, jnp.asarray(MICRO[0], jnp.float32), True,
-                             accumulation_steps=2)
-    assert int(after["num_batches_tracked"]) == 0  # the step is under way
-    assert jbn.stale_layers({"bn": state}, {"bn": after}) == []
-    assert jbn.stale_layers({"bn": after}, {"bn": after}) == ["bn"]
-    fresh = jbn.reset_running_stats(after)
-    assert_trees_close(fresh, state, rtol=0)
-
-
 def test_the_nnx_layer_accumulates_under_nnx_jit_and_commits_once_per_step():
     from flax import nnx
 

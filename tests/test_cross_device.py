@@ -72,6 +72,7 @@ def test_shard_map_on_a_1d_mesh_equals_the_whole_batch(mask, training):
     assert_trees_close(result, whole_batch(mask=mask, training=training), **CLOSE)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
 def test_shard_map_on_a_2d_mesh_with_two_axis_names_equals_the_whole_batch(mask):
     f = sharded(("data", "replica"), (4, 2), mask=mask, training=True, momentum=None)

@@ -14,6 +14,8 @@ retypes a figure the benchmarks record.
 """
 
 import concurrent.futures
+import doctest
+import inspect
 import json
 import os
 import re
@@ -22,6 +24,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 
 import jbn
 
@@ -170,6 +177,59 @@ def test_the_readme_is_an_entrance_that_starts_with_the_set_up_commands():
     assert SET_UP[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_readme_tells_how_to_get_pytorchs_cpu_build_before_the_extras_that_need_it():
+    """pip's default PyTorch on Linux is the CUDA build; a CPU-only machine wants the CPU
+    build first, from the command PyTorch's own install selector gives (no index is named:
+    the selector stays right when the index moves)."""
+    text = README.read_text()
+    install = text.split("[start:install]")[1].split("[end:install]")[0]
+    paragraphs = [" ".join(paragraph.split()) for paragraph in install.split("\n\n")]
+    found = [paragraph for paragraph in paragraphs if "CPU build" in paragraph]
+    assert len(found) == 1, install
+    (paragraph,) = found
+    assert "pytorch.org" in paragraph and "Get Started" in paragraph, paragraph
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    needing_torch = [extra for extra, requirements in extras.items()
+                     if any(re.match(r"torch\b", requirement) for requirement in requirements)]
+    assert {"torch", "test"} <= set(needing_torch), extras
+    for extra in needing_torch:
+        assert f"`{extra}`" in paragraph, extra
+    pins = {requirement for requirements in extras.values() for requirement in requirements
+            if requirement.startswith("torch==")}
+    assert pins and all(f"`{pin}`" in paragraph for pin in pins), (pins, paragraph)
+    # Read before the command that installs the test extra, and no package host named.
+    assert install.index("CPU build") < install.index(SET_UP[1])
+    assert not re.search(r"https?://|index-url|download\.pytorch", install), install
+
+
+HISTORY = re.compile(r'changed in\b|^!!! \w+ "changed|renamed from|\bpreviously\b|\bformerly\b'
+                     r"|earlier versions?\b|\bused to be\b|\bno longer\b|\bdeprecated\b",
+                     re.IGNORECASE | re.MULTILINE)
+
+
+def test_no_page_carries_a_history_note():
+    """The documentation says what jbn does, not what it did."""
+    notes = [f"{page.relative_to(ROOT)}: {match.group(0)}"
+             for page in [README, *GUIDES, *API_PAGES]
+             for match in HISTORY.finditer(page.read_text())]
+    assert notes == []
+
+
+def test_the_home_page_links_every_example_and_counts_none():
+    """A count typed into prose goes stale when an example is added; a list shows it."""
+    programs = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
+    index = (ROOT / "docs" / "index.md").read_text()
+    linked = re.findall(r"\[`([\w.]+\.py)`\]\(examples\.md#[\w-]+\)", index)
+    assert sorted(linked) == programs
+    numbers = "one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|dozen|\\d+"
+    count = re.compile(rf"\b(?:{numbers})\s+(?:[\w-]+\s+)?(?:programs|examples|scripts)\b",
+                       re.IGNORECASE)
+    pages = [README, ROOT / "docs" / "index.md", ROOT / "docs" / "examples.md"]
+    counted = [f"{page.relative_to(ROOT)}: {match.group(0)}" for page in pages
+               for match in count.finditer(page.read_text())]
+    assert counted == []
+
 
 def test_no_measured_figure_is_typed_into_the_docs():
     """Times, speed-up ratios and measured errors live in the files the benchmarks write
@@ -178,6 +238,55 @@ def test_no_measured_figure_is_typed_into_the_docs():
     typed = [f"{page.relative_to(ROOT)}: {line}" for page in [README, *GUIDES]
              for line in page.read_text().splitlines() if figure.search(line)]
     assert typed == []
+
+
+# A figure a measurement gives, as the package would carry one in a comment or docstring:
+# those of the pages, copies of x, an error "of" a reference, a comparison.
+PACKAGE_FIGURE = re.compile(r"\d\s?(µs|ms)\b|\d\.\d+ ?×|\d\.\de-\d|\d(\.\d+)? copies|\de-\d+ of "
+                            r"|e-\d+·|\d\.\d+ vs ")
+
+
+def test_no_measured_figure_is_typed_into_the_package():
+    """A figure in a code comment or docstring ages the day the code changes: the package
+    gives the reason and names the command that measures it; the figure lives in its
+    record."""
+    package = sorted((ROOT / "jbn").rglob("*.py"))
+    typed = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}" for path in package
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if PACKAGE_FIGURE.search(line)]
+    assert typed == []
+
+
+def test_the_package_figure_pattern_catches_the_figures_it_is_for():
+    for line in ("in about 1.3 copies of x, instead of 2.9", "y within 1e-5 of float64",
+                 "reached 1.2e-5 of the variance", "grows as about ``1e-6·d²``",
+                 "7.4 vs 4.1 copies", "took 3.2 ms"):
+        assert PACKAGE_FIGURE.search(line), line
+    for line in ("eps: float = 1e-5,", "momentum=0.99 is jbn's 0.01", "__version__ = \"0.1.0\"",
+                 "Ioffe 2017, arXiv:1702.03275"):
+        assert not PACKAGE_FIGURE.search(line), line
+
+
+def test_public_docstrings_are_contracts_of_at_most_60_lines():
+    import jbn.equinox
+    import jbn.nnx
+
+    lengths = {f"{module.__name__}.{name}": len(inspect.getdoc(getattr(module, name)).splitlines())
+               for module in (jbn, jbn.nnx, jbn.equinox) for name in module.__all__}
+    assert {name: n for name, n in lengths.items() if n > 60} == {}
+
+
+def test_the_batchnorm_docstrings_example_runs():
+    import jax.numpy as jnp
+
+    examples = doctest.DocTestFinder().find(jbn.batchnorm, "batchnorm",
+                                            globs={"jbn": jbn, "jnp": jnp})
+    assert sum(len(example.examples) for example in examples) == 2
+    runner = doctest.DocTestRunner()
+    for example in examples:
+        runner.run(example)
+    assert runner.summarize(verbose=False).failed == 0
+
 
 def test_the_site_builds_without_a_warning(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
@@ -192,6 +301,6 @@ def test_the_site_builds_without_a_warning(tmp_path):
              .as_posix() for page in (ROOT / "docs").rglob("*.md")}
     assert pages <= built, sorted(pages - built)
     # The API reference is rendered from the docstrings, and the recorded tables included.
-    assert "Batch normalization, per channel, as a pure function" in (
+    assert "Batch normalization of each channel of" in (
         tmp_path / "api" / "core" / "index.html").read_text()
     assert "<table>" in (tmp_path / "results" / "accuracy" / "index.html").read_text()

@@ -88,8 +88,9 @@ BAD_CALLS = {
     "mode unknown": (dict(mode="eval"), ValueError,
                      exactly("mode must be one of ['tracked', 'untracked', 'frozen'], got "
                              "'eval'")),
-    "mode of Equinox": (dict(mode="batch"), ValueError,
-                        r"got 'batch': eqx\.nn\.BatchNorm's mode chooses how it averages"),
+    "mode of Equinox, in a functional call": (
+        dict(mode="batch"), ValueError,
+        exactly("mode must be one of ['tracked', 'untracked', 'frozen'], got 'batch'")),
     "mode not a str": (dict(mode=None), TypeError, r"mode must be a str.*got None"),
     "frozen without running statistics": (
         dict(state={}, mode="frozen"), ValueError,
@@ -195,13 +196,14 @@ BAD_CALLS = {
     "accumulator of the wrong shape": (
         dict(state={**jbn.init(3, accumulation_steps=2)[1],
                     "accumulator": {**jbn.init(4, accumulation_steps=2)[1]["accumulator"]}}),
-        ValueError, r"state\['accumulator'\]\['shift'\] must have shape \(3,\)"),
+        ValueError, r"state\['accumulator'\]\['mean_head'\] must have shape \(3,\)"),
     "statistics not a dict": (
         dict(statistics=(jnp.zeros(3), jnp.ones(3))), TypeError,
         r"statistics must be a dict with 'mean' and 'var'"),
     "statistics of the wrong size": (
         dict(statistics={"mean": jnp.zeros(4), "var": jnp.ones(4)}), ValueError,
-        r"statistics\['mean'\] must be a floating array of shape \(3,\), got \(4,\)"),
+        r"^statistics\['mean'\] must have shape \(3,\) and a floating dtype, got shape "
+        r"\(4,\) float64"),
     "statistics in eval with running statistics": (
         dict(statistics={"mean": jnp.zeros(3), "var": jnp.ones(3)}, training=False),
         ValueError, r"in eval the running statistics normalize"),
@@ -296,3 +298,95 @@ def test_momentum_warning_is_silenced_by_the_standard_filters():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
         call(momentum=0.99)
+
+
+def test_params_and_state_in_each_others_place_are_called_swapped():
+    swapped = exactly("params and state look swapped: params has a state's keys "
+                      "['num_batches_tracked', 'running_mean', 'running_var'], state ['bias', "
+                      "'weight']; pass params first, then state, as jbn.init returns them: "
+                      "params, state = jbn.init(C)")
+    with pytest.raises(ValueError, match=swapped):
+        jbn.batchnorm(STATE, PARAMS, X, True)
+    with pytest.raises(ValueError, match=swapped):  # the one check: converters and folding too
+        jbn.fold(STATE, PARAMS)
+    without_affine, _ = jbn.init(3, affine=False)
+    with pytest.raises(ValueError, match=r"look swapped: params has a state's keys .*, state "
+                                         r"\[\];"):
+        jbn.batchnorm(STATE, without_affine, X, True)
+
+
+# Each bad value of a numeric option, as init, batchnorm and the layers (when built) see it.
+BAD_NUMBERS = {
+    "a float": (2.0, TypeError, "accumulation_steps must be an int or None, got 2.0"),
+    "a bool": (True, TypeError, "accumulation_steps must be an int or None, got True"),
+    "a str": ("2", TypeError, "accumulation_steps must be an int or None, got '2'"),
+    "zero": (0, ValueError, "accumulation_steps must be positive, got 0"),
+    "negative": (-1, ValueError, "accumulation_steps must be positive, got -1"),
+}
+
+
+@pytest.mark.parametrize("value, error, message", BAD_NUMBERS.values(), ids=BAD_NUMBERS.keys())
+def test_init_batchnorm_and_the_layers_refuse_a_bad_number_alike(value, error, message):
+    nnx = pytest.importorskip("jbn.nnx")
+    equinox = pytest.importorskip("jbn.equinox")
+    for make in (lambda: jbn.init(3, accumulation_steps=value),
+                 lambda: call(state=jbn.init(3, accumulation_steps=2)[1],
+                              accumulation_steps=value),
+                 lambda: nnx.BatchNorm(3, accumulation_steps=value),
+                 lambda: equinox.BatchNorm(3, "batch", accumulation_steps=value)):
+        with pytest.raises(error, match=exactly(message)):
+            make()
+
+
+def test_init_and_batchnorm_take_numpy_integers_alike():
+    _, state = jbn.init(3, accumulation_steps=np.int64(2))
+    _, after = call(state=state, accumulation_steps=np.int64(2))
+    assert int(after["accumulator"]["micro_batches"]) == 1
+
+
+def test_the_nnx_layer_names_epsilon_where_eps_is_passed():
+    nnx = pytest.importorskip("jbn.nnx")
+    with pytest.raises(TypeError, match=exactly(
+            "BatchNorm() got an unexpected keyword argument 'eps': this layer takes "
+            "'epsilon', as nnx.BatchNorm does")):
+        nnx.BatchNorm(16, eps=1e-3)
+
+
+def test_the_equinox_layer_names_eps_where_epsilon_is_passed():
+    equinox = pytest.importorskip("jbn.equinox")
+    with pytest.raises(TypeError, match=exactly(
+            "BatchNorm() got an unexpected keyword argument 'epsilon': this layer takes "
+            "'eps', as eqx.nn.BatchNorm does")):
+        equinox.BatchNorm(16, "batch", epsilon=1e-3)
+
+
+def test_layers_check_their_mode_when_built_in_messages_of_their_framework():
+    nnx = pytest.importorskip("jbn.nnx")
+    equinox = pytest.importorskip("jbn.equinox")
+    unknown = "mode must be one of ['tracked', 'untracked', 'frozen'], got 'nonsense'"
+    with pytest.raises(ValueError, match=exactly(unknown)):
+        equinox.BatchNorm(16, "batch", mode="nonsense")
+    with pytest.raises(ValueError, match=exactly(unknown)):
+        nnx.BatchNorm(16, mode="nonsense")
+    with pytest.raises(ValueError, match=exactly(
+            "mode must be one of ['tracked', 'untracked', 'frozen'], got 'batch': "
+            "eqx.nn.BatchNorm's mode chooses how it averages, where jbn averages as PyTorch "
+            "does; leave mode out")):
+        equinox.BatchNorm(16, "batch", mode="batch")
+    with pytest.raises(ValueError, match=exactly(
+            "mode must be one of ['tracked', 'untracked', 'frozen'], got 'batch'")):
+        nnx.BatchNorm(16, mode="batch")  # no word of Equinox to an NNX user
+
+
+def test_the_momentum_warning_points_at_the_users_line_through_the_layers():
+    nnx = pytest.importorskip("jbn.nnx")
+    equinox = pytest.importorskip("jbn.equinox")
+    eqx = pytest.importorskip("equinox")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+    with pytest.warns(UserWarning, match="momentum=0.99") as caught:
+        nnx.BatchNorm(3, momentum=0.99)(x)
+    assert [w.filename for w in caught] == [__file__]
+    layer, state = eqx.nn.make_with_state(equinox.BatchNorm)(3, "batch", momentum=0.99)
+    with pytest.warns(UserWarning, match="momentum=0.99") as caught:
+        jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    assert [w.filename for w in caught] == [__file__]

@@ -136,30 +136,6 @@ def test_group_size_must_divide_the_devices_and_goes_with_axis_name():
         f(X[:8])
 
 
-@pytest.mark.parametrize("weighted", [False, True], ids=["equal weights", "weighted"])
-def test_sync_running_stats_pools_the_devices_means_variances_and_spread(weighted):
-    means = RNG.normal(size=(DEVICES, C))
-    variances = RNG.uniform(0.5, 2.0, (DEVICES, C))
-    weights = RNG.integers(1, 100, DEVICES).astype(float) if weighted else np.ones(DEVICES)
-    states = {"block": {"bn": {"running_mean": jnp.asarray(means),
-                               "running_var": jnp.asarray(variances),
-                               "num_batches_tracked": jnp.full(DEVICES, 7, jnp.int32)}},
-              "other": jnp.arange(DEVICES)}
-
-    def sync(states, weight):
-        return jbn.sync_running_stats(states, "data", weight=weight if weighted else None)
-
-    synced = jax.vmap(sync, axis_name="data")(states, jnp.asarray(weights))
-    mean = (weights[:, None] * means).sum(0) / weights.sum()
-    var = (weights[:, None] * (variances + (means - mean) ** 2)).sum(0) / weights.sum()
-    for device in range(DEVICES):
-        layer = index(synced, device)["block"]["bn"]
-        np.testing.assert_allclose(layer["running_mean"], mean, **CLOSE)
-        np.testing.assert_allclose(layer["running_var"], var, **CLOSE)
-        assert int(layer["num_batches_tracked"]) == 7
-    np.testing.assert_array_equal(synced["other"], states["other"])
-
-
 def replica_group_sizes(text):
     """(values carried, devices per replica group) of each all-reduce of optimized HLO."""
     found = []

@@ -113,6 +113,7 @@ def test_layer_trained_in_jbn_evaluates_identically_in_pytorch(dims, dtype):
     assert_close_ulps(torch_eval(bn, x), y)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_torch_state_dict_round_trips_through_jbn_exactly(dtype):
     bn = trained_torch_batchnorm(2, dtype)
@@ -323,6 +324,7 @@ def state_dict_with(**changes):
     ({"running_mean": None, "running_var": None},
      r"'bn\.running_mean' is missing while 'bn\.num_batches_tracked'"),
 ])
+@pytest.mark.quick
 def test_from_torch_rejects_a_partial_state_dict_naming_the_missing_key(changes, message):
     with pytest.raises(ValueError, match=message):
         jbn.from_torch(state_dict_with(**changes), "bn.")
@@ -417,6 +419,7 @@ def test_layer_trained_in_jbn_evaluates_identically_in_flax():
     assert_close_ulps(flax_eval(module, jbn.to_flax(params, state), x), y)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_flax_variables_round_trip_through_jbn_exactly(use_bias):
     variables = trained_flax(flax_batchnorm(use_bias=use_bias))
@@ -545,6 +548,7 @@ def test_fold_without_running_statistics_raises():
         jbn.fold(params, {})
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fold_into_a_dense_kernel_equals_dense_then_batchnorm(with_bias):
     rng = np.random.default_rng(1)

@@ -1,73 +1,42 @@
 """Whole models: every batch norm of a PyTorch state_dict in and out, each layer's options
-read from the live module, states threaded through many layers, and the ResNet example.
+read from the live module, ports that follow them, and Flax NNX and Equinox models loaded
+from and written to a PyTorch state_dict through ``from_torch_model``.
 
 References are real ``torch.nn`` models (their state_dicts, ``load_state_dict(strict=True)``
-and training-mode forward passes) and the functional ``jbn.batchnorm``.
+and training-mode forward passes; torchvision's ``FrozenBatchNorm2d``, in ``helpers``) and
+the functional ``jbn.batchnorm``.
 """
 
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import jbn
-from helpers import FrozenBatchNorm2d, assert_same_arrays
+import jbn.equinox
+import jbn.nnx
+from helpers import (
+    BATCH_NORMS,
+    KEYWORDS,
+    LAYER_CHANNELS,
+    NNX_KEYWORDS,
+    WITH_RUNNING_STATS,
+    ZOO_CHANNELS,
+    FrozenBatchNorm2d,
+    Zoo,
+    assert_close_ulps,
+    assert_same_arrays,
+    data,
+    zoo,
+)
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
-C = 4
-
-# Every batch norm variant PyTorch writes, among modules with look-alike entries.
-BATCH_NORMS = {  # path → (affine, track_running_stats)
-    "stem.1": (True, True), "blocks.0.bn": (True, True), "blocks.1.bn": (True, True),
-    "head_norm": (False, True), "no_stats": (True, False), "neither": (False, False),
-    "sync": (True, True), "no_bias": (True, True), "volume": (True, True),
-    "frozen": (True, True),
-}
-WITH_RUNNING_STATS = [path for path, (_, stats) in BATCH_NORMS.items() if stats]
-
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(C, C, 3, padding=1, bias=False)
-        self.bn = torch.nn.BatchNorm2d(C, momentum=None)
-
-
-class Zoo(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3), torch.nn.BatchNorm2d(C))
-        self.blocks = torch.nn.ModuleList([Block(), Block()])
-        self.head_norm = torch.nn.BatchNorm1d(C, affine=False, eps=1e-3)
-        self.no_stats = torch.nn.BatchNorm1d(C, track_running_stats=False)
-        self.neither = torch.nn.BatchNorm1d(C, affine=False, track_running_stats=False)
-        self.sync = torch.nn.SyncBatchNorm(C, momentum=0.3)
-        self.no_bias = torch.nn.BatchNorm1d(C, bias=False)
-        self.volume = torch.nn.BatchNorm3d(C)
-        self.frozen = FrozenBatchNorm2d(C, eps=0.0)
-        # Entries shaped like a batch norm's without being one.
-        self.layer_norm = torch.nn.LayerNorm(C)
-        self.group_norm = torch.nn.GroupNorm(2, C)
-        self.instance_norm = torch.nn.InstanceNorm1d(C, affine=True)
-        self.fc = torch.nn.Linear(C, 3)
-
-
-def zoo(seed=0, dtype=torch.float64) -> Zoo:
-    """A Zoo whose every entry holds its own random values, as after training."""
-    torch.manual_seed(seed)
-    model = Zoo().to(dtype)
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                value.fill_(int(torch.randint(1, 100, ())))
-            elif name.endswith("running_var"):
-                value.uniform_(0.5, 3.0)
-            else:
-                value.normal_()
-    return model
+C = ZOO_CHANNELS
 
 
 def as_tensors(entries):
@@ -176,6 +145,7 @@ def test_from_torch_model_wants_layers_as_options_from_torch_gives_them():
         jbn.from_torch_model(zoo().state_dict(), layers=["stem.1"])
 
 
+@pytest.mark.quick
 def test_from_torch_model_names_the_key_of_a_broken_layer():
     state_dict = dict(zoo().state_dict())
     del state_dict["blocks.1.bn.running_var"]
@@ -203,6 +173,7 @@ def test_to_torch_model_names_the_layer_of_a_bad_entry():
 # Layer options
 
 
+@pytest.mark.quick
 def test_options_from_torch_reads_every_batch_norm_as_built_and_configured():
     model = zoo()
     model.volume.momentum = None
@@ -327,35 +298,144 @@ def test_port_of_a_model_with_frozen_layers_trains_them_frozen_with_one_training
 
 
 # ---------------------------------------------------------------------------------------
-# Threading many layers
+# Flax NNX and Equinox models
 
 
-def model_of_three(params, state, x, forget=""):
-    """bn1, then the two layers of block, each returning its new state unless forgotten."""
-    x, new = jbn.batchnorm(params["bn1"], state["bn1"], x, True)
-    new_state = {"bn1": state["bn1"] if forget == "bn1" else new, "block": []}
-    for i, (p, s) in enumerate(zip(params["block"], state["block"], strict=True)):
-        x, new = jbn.batchnorm(p, s, x, True)
-        new_state["block"].append(s if forget == f"block.{i}" else new)
-    return x, new_state
+class TorchBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(LAYER_CHANNELS, affine=False, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("forget", ["", "bn1", "block.1"])
-def test_stale_layers_names_each_layer_whose_new_state_was_not_threaded(forget):
-    (p1, s1), (p2, s2), (p3, s3) = (jbn.init(C) for _ in range(3))
-    params, state = {"bn1": p1, "block": [p2, p3]}, {"bn1": s1, "block": [s2, s3]}
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, C)), jnp.float32)
-    _, new_state = model_of_three(params, state, x, forget)
-    assert jbn.stale_layers(state, new_state) == ([forget] if forget else [])
+class TorchModel(torch.nn.Module):
+    """bn1, blocks.0.bn, frozen and no_bias: paths the NNX and Equinox models below mirror."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm1d(LAYER_CHANNELS, dtype=torch.float64, **KEYWORDS)
+        self.blocks = torch.nn.ModuleList([TorchBlock()])
+        self.frozen = FrozenBatchNorm2d(LAYER_CHANNELS, eps=0.0).double()
+        self.no_bias = torch.nn.BatchNorm1d(LAYER_CHANNELS, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        h = self.blocks[0].bn(self.bn1(x))
+        return self.no_bias(self.frozen(h[..., None])[..., 0])
 
 
-def test_stale_layers_names_layers_missing_from_the_new_state_and_takes_one_layer():
-    params, state, _ = jbn.from_torch_model(zoo().state_dict())
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, C)))
-    new_state = {path: jbn.batchnorm(params[path], state[path], x, True)[1]
-                 for path in ("head_norm", "no_bias")}
-    # The frozen layer counts no batches: it is never stale.
-    assert jbn.stale_layers(state, new_state) == sorted(
-        path for path in WITH_RUNNING_STATS if path not in new_state and path != "frozen")
-    assert jbn.stale_layers(state["no_bias"], new_state["no_bias"]) == []
-    assert jbn.stale_layers(state["no_bias"], state["no_bias"]) == [""]
+def trained_torch_model():
+    torch.manual_seed(0)
+    model = TorchModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    with torch.no_grad():
+        model.frozen.running_mean.uniform_(-1, 1)
+        model.frozen.weight.uniform_(0.5, 2)
+    for seed in range(3):
+        x = torch.from_numpy(np.array(data(seed=seed)[0]))
+        loss = (model(x) - x.flip(0)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self):
+        self.bn = jbn.nnx.BatchNorm(LAYER_CHANNELS, axis=1, use_scale=False, use_bias=False,
+                                    param_dtype=jnp.float64)
+
+
+class NNXModel(nnx.Module):
+    def __init__(self, dtype=jnp.float64):
+        self.bn1 = jbn.nnx.BatchNorm(LAYER_CHANNELS, axis=1, param_dtype=dtype, **NNX_KEYWORDS)
+        self.blocks = nnx.List([NNXBlock()])
+        self.frozen = jbn.nnx.BatchNorm(LAYER_CHANNELS, axis=1, param_dtype=jnp.float64,
+                                        epsilon=0.0, mode="frozen")
+        self.no_bias = jbn.nnx.BatchNorm(LAYER_CHANNELS, axis=1, param_dtype=jnp.float64,
+                                         use_bias=False)
+
+    def __call__(self, x):
+        return self.no_bias(self.frozen(self.blocks[0].bn(self.bn1(x))))
+
+
+class EquinoxBlock(eqx.Module):
+    bn: jbn.equinox.BatchNorm
+
+    def __init__(self):
+        self.bn = jbn.equinox.BatchNorm(LAYER_CHANNELS, channelwise_affine=False,
+                                        dtype=jnp.float64, axis=1)
+
+
+class EquinoxModel(eqx.Module):
+    bn1: jbn.equinox.BatchNorm
+    blocks: list
+    frozen: jbn.equinox.BatchNorm
+    no_bias: jbn.equinox.BatchNorm
+
+    def __init__(self, dtype=jnp.float64):
+        self.bn1 = jbn.equinox.BatchNorm(LAYER_CHANNELS, dtype=dtype, axis=1, **KEYWORDS)
+        self.blocks = [EquinoxBlock()]
+        self.frozen = jbn.equinox.BatchNorm(LAYER_CHANNELS, eps=0.0, dtype=jnp.float64, axis=1,
+                                            mode="frozen")
+        self.no_bias = jbn.equinox.BatchNorm(LAYER_CHANNELS, dtype=jnp.float64, axis=1,
+                                             use_bias=False)
+
+    def __call__(self, x, state):
+        for layer in (self.bn1, self.blocks[0].bn, self.frozen, self.no_bias):
+            x, state = layer(x, state)
+        return x, state
+
+
+def torch_outputs(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.array(x))).numpy()
+
+
+@pytest.mark.quick
+def test_nnx_model_converts_to_and_from_a_torch_state_dict():
+    original = trained_torch_model()
+    params, state, rest = jbn.from_torch_model(original.state_dict())
+    assert rest == {} and list(params) == ["bn1", "blocks.0.bn", "frozen", "no_bias"]
+    model = NNXModel()
+    jbn.nnx.set_layers(model, params, state)
+    model.eval()
+    x = data(seed=9)[0]
+    assert_close_ulps(model(x), torch_outputs(original, x))
+
+    fresh = TorchModel()
+    fresh.load_state_dict({key: torch.from_numpy(value) for key, value in
+                           jbn.to_torch_model(*jbn.nnx.get_layers(model)).items()}, strict=True)
+    assert_same_arrays(fresh.state_dict(), original.state_dict())
+
+
+def test_equinox_model_converts_to_and_from_a_torch_state_dict():
+    original = trained_torch_model()
+    params, layer_states, _ = jbn.from_torch_model(original.state_dict())
+    model, state = eqx.nn.make_with_state(EquinoxModel)()
+    model, state = jbn.equinox.set_layers(model, state, params, layer_states)
+    x = data(seed=9)[0]
+    y, _ = eqx.nn.inference_mode(model)(x, state)
+    assert_close_ulps(y, torch_outputs(original, x))
+
+    fresh = TorchModel()
+    fresh.load_state_dict({key: torch.from_numpy(value) for key, value in
+                           jbn.to_torch_model(*jbn.equinox.get_layers(model, state)).items()},
+                          strict=True)
+    assert_same_arrays(fresh.state_dict(), original.state_dict())
+
+
+def test_set_layers_rejects_missing_paths_and_arrays_unlike_the_layer():
+    params, state, _ = jbn.from_torch_model(trained_torch_model().state_dict())
+    missing = {path: value for path, value in state.items() if path != "blocks.0.bn"}
+    eqx_model, eqx_state = eqx.nn.make_with_state(EquinoxModel)()
+    with pytest.raises(ValueError, match=r"state must have the paths of the model's batch "
+                                         r"norms; missing \['blocks\.0\.bn'\], unknown \[\]"):
+        jbn.nnx.set_layers(NNXModel(), params, missing)
+    with pytest.raises(ValueError, match=r"layer_states must have the paths .* missing "
+                                         r"\['blocks\.0\.bn'\]"):
+        jbn.equinox.set_layers(eqx_model, eqx_state, params, missing)
+    float32 = r"layer 'bn1': params has \{'weight': 'float64\[3\]'.*built with .*'float32\[3\]'"
+    with pytest.raises(ValueError, match=float32):
+        jbn.nnx.set_layers(NNXModel(jnp.float32), params, state)
+    eqx_model, eqx_state = eqx.nn.make_with_state(EquinoxModel)(jnp.float32)
+    with pytest.raises(ValueError, match=float32):
+        jbn.equinox.set_layers(eqx_model, eqx_state, params, state)

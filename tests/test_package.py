@@ -1,10 +1,11 @@
 """The package as a user installs it: typed for type checkers, licensed as declared, its
-version written once, every package it imports declared, and each framework's layer naming
-the extra that installs the framework."""
+version written once, every package it imports declared, each framework's layer naming
+the extra that installs the framework; and the quick loop running code in every module."""
 
 import ast
 import email
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -26,6 +27,27 @@ params, state = jbn.init(3)
 y, new_state = jbn.batchnorm(params, state, jnp.ones((4, 3)), True, momentum=None)
 scale, shift = jbn.fold(params, new_state)
 wrong = jbn.init("3")
+"""
+# Runs the quick loop with a profiler that notes each file of jbn/ whose functions are
+# called (a module merely imported does not count: its body is "<module>").
+QUICK_LOOP_TRACER = """\
+import json, sys, threading
+import pytest
+import jbn
+
+package = jbn.__path__[0]
+called = set()
+
+def note(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and code.co_filename.startswith(package) and code.co_name != "<module>":
+        called.add(code.co_filename[len(package):])
+
+sys.setprofile(note)
+threading.setprofile(note)
+code = pytest.main(["-m", "quick", "-n", "0", "-q", "-p", "no:cacheprovider", sys.argv[1]])
+sys.setprofile(None)
+print(json.dumps({"code": int(code), "called": sorted(called)}))
 """
 MYPY_CONFIG = """\
 [mypy]
@@ -91,6 +113,9 @@ def test_every_package_jbn_imports_is_declared_a_dependency_or_an_extra():
                 imported.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "framework"):  # a layer's guarded framework import
+                imported.add(node.args[0].value.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"jbn", "__future__"}
     pyproject = (ROOT / "pyproject.toml").read_text()
 
@@ -105,11 +130,12 @@ def test_every_package_jbn_imports_is_declared_a_dependency_or_an_extra():
         assert names(framework) == {framework}, framework
 
 
-@pytest.mark.parametrize("module, framework", [("jbn.nnx", "flax"),
-                                               ("jbn.equinox", "equinox")])
+@pytest.mark.parametrize("module, framework", [("jbn.nnx", "flax"), ("jbn.equinox", "equinox")])
 def test_a_layer_module_without_its_framework_names_the_extra_to_install(module, framework,
                                                                          monkeypatch):
-    monkeypatch.setitem(sys.modules, framework, None)  # as if it were not installed
+    for name in [name for name in sys.modules if name.split(".")[0] == framework]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, framework, None)
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ModuleNotFoundError,
                        match=rf"^{module} is jbn's layer for .*, which is not installed: pip "
@@ -121,3 +147,14 @@ def test_options_from_torch_without_torch_names_the_extra_to_install(monkeypatch
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'jbn\[torch\]'$"):
         jbn.options_from_torch(object())
+
+
+def test_the_quick_loop_runs_code_in_every_module_of_jbn(tmp_path):
+    tracer = tmp_path / "quick_loop_tracer.py"
+    tracer.write_text(QUICK_LOOP_TRACER)
+    run = subprocess.run([sys.executable, str(tracer), str(ROOT / "tests")], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    modules = {"/" + str(path.relative_to(ROOT / "jbn")) for path in (ROOT / "jbn").rglob("*.py")}
+    assert report["code"] == 0
+    assert modules - {"/__init__.py", "/interop/__init__.py"} <= set(report["called"])

@@ -92,6 +92,7 @@ def test_training_eval_training_matches_torch(rank, momentum, affine, track, eps
         state = step_both(layer, params, state, training, momentum, eps, rng, rank)
 
 
+@pytest.mark.quick
 def test_init_matches_torch_initial_state_dict():
     params, state = jbn.init(5)
     torch_state = torch.nn.BatchNorm1d(5).state_dict()
@@ -105,6 +106,7 @@ def test_init_matches_torch_initial_state_dict():
 EMPTY_SHAPES = {2: (0, 3), 3: (0, 3, 5), 4: (0, 3, 4, 2), 5: (2, 3, 0, 2, 2)}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_an_empty_batch_counts_but_leaves_the_running_statistics_as_torch(rank, momentum):

@@ -64,7 +64,6 @@ def run_per_group(params, state, x, mask, limits):
     return y, grads
 
 
-
 def assert_state_matches(state, expected, atol=1e-14):
     for key in ("running_mean", "running_var"):
         np.testing.assert_allclose(state[key], expected[key], rtol=0, atol=atol)
@@ -251,43 +250,6 @@ def test_an_empty_batch_in_ghost_groups_with_renorm_counts_and_keeps_the_statist
     y, state = jbn.batchnorm(PARAMS, STATE, X[:0], True, renorm=LIMITS, virtual_batch_size=4)
     assert y.shape == X[:0].shape
     assert_state_matches(state, {**STATE, "num_batches_tracked": 4}, atol=0)
-
-
-def test_recalibration_averages_the_batch_means_and_unbiased_variances():
-    """A fresh state and momentum=None over K batches: each batch weighs 1/K."""
-    batches = [RNG.normal(3.0, 2.0, (6, C)) for _ in range(3)]
-    masks = [None, None, np.arange(6) < 4]  # the last batch: 4 valid examples
-    trained = {**STATE, "num_batches_tracked": jnp.asarray(500, jnp.int32)}
-    state = jbn.reset_running_stats(trained)
-    step = jax.jit(lambda s, x, m: jbn.batchnorm(PARAMS, s, x, True, mask=m, momentum=None)[1])
-    for x, mask in zip(batches, masks, strict=True):
-        state = step(state, jnp.asarray(x), mask if mask is None else jnp.asarray(mask))
-    valid = [x if mask is None else x[mask] for x, mask in zip(batches, masks, strict=True)]
-    np.testing.assert_allclose(state["running_mean"], np.mean([v.mean(0) for v in valid], 0),
-                               rtol=1e-14)
-    np.testing.assert_allclose(state["running_var"],
-                               np.mean([v.var(0, ddof=1) for v in valid], 0), rtol=1e-14)
-    assert int(state["num_batches_tracked"]) == 3
-    # Batches of equal counts: the mean is that of all their values.
-    state = jbn.reset_running_stats(trained)
-    for x in batches:
-        state = step(state, jnp.asarray(x), None)
-    np.testing.assert_allclose(state["running_mean"], np.concatenate(batches).mean(0),
-                               rtol=1e-14)
-
-
-def test_reset_running_stats_restores_every_layer_of_a_tree_and_keeps_its_dtypes():
-    _, layer32 = jbn.init(2)
-    _, layer64 = jbn.init(3, dtype=jnp.float64)
-    frozen = {"running_mean": jnp.full(2, 7.0), "running_var": jnp.full(2, 8.0)}
-    trained = jax.tree.map(lambda v: v + 7, {"blocks": [layer32, {}], "head": layer64})
-    trained["frozen"] = frozen  # no count: it does not learn, and is left as it is
-    fresh = jbn.reset_running_stats(trained)
-    expected = {"blocks": [layer32, {}], "head": layer64, "frozen": frozen}
-    assert jax.tree.structure(fresh) == jax.tree.structure(expected)
-    for got, want in zip(jax.tree.leaves(fresh), jax.tree.leaves(expected), strict=True):
-        assert got.dtype == want.dtype and np.array_equal(got, want)
-    assert int(trained["head"]["num_batches_tracked"]) == 7  # the input is left as it was
 
 
 def test_framework_layers_pass_renorm_and_virtual_batch_size_on():

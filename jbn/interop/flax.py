@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jbn._batchnorm import Params, State
-from jbn._call import check_layer
+from jbn._parse import check_layer
 
 
 def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:

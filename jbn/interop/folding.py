@@ -16,18 +16,18 @@ import jax.numpy as jnp
 from jax import Array
 
 from jbn._batchnorm import Params, State
-from jbn._call import check_eps, check_layer
 from jbn._normalize import folded
+from jbn._parse import check_eps, check_layer
 
 
 def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Array]:
-    """Eval-mode batch norm as one multiply-add per channel: ``y = x·scale + shift``.
+    """Eval-mode batch norm as one multiply-add per channel: ``y = x·scale + offset``.
 
     .. math:: s = \\frac{w}{\\sqrt{\\mathrm{running\\_var} + \\epsilon}}, \\qquad
               t = b - \\mathrm{running\\_mean}\\cdot s \\qquad (w = 1,\\ b = 0 \\text{ without
               affine})
 
-    ``x * scale + shift`` (scale and shift reshaped to the channel axis) is what
+    ``x * scale + offset`` (scale and offset reshaped to the channel axis) is what
     ``batchnorm(params, state, x, training=False)`` computes, up to the rounding of its two
     terms: eval mode subtracts the mean first, so it stays exact where a channel's mean is
     large against its spread and the folded form cancels.
@@ -38,11 +38,11 @@ def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Arr
       eps: the ``eps`` of the batch norm, ≥ 0.
 
     Returns:
-      ``scale`` and ``shift``, shape (C,), in the state's dtype or float32 if finer.
+      ``scale`` and ``offset``, shape (C,), in the state's dtype or float32 if finer.
 
     Raises:
       ValueError: when ``state == {}`` (eval mode then normalizes with each batch's own
-        statistics, which no fixed scale and shift express), for a bad ``eps``, and for
+        statistics, which no fixed scale and offset express), for a bad ``eps``, and for
         params or state that ``batchnorm`` would not accept.
 
     PyTorch: no function of its own; ``torch.nn.utils.fusion`` folds the same ``s`` and ``t``
@@ -52,7 +52,7 @@ def fold(params: Params, state: State, *, eps: float = 1e-5) -> tuple[Array, Arr
     if not state:
         raise ValueError("fold needs running statistics, got state == {}: without them eval "
                          "mode normalizes with the statistics of each batch, which no fixed "
-                         "scale and shift express")
+                         "scale and offset express")
     check_eps(eps)
     return folded(params.get("weight"), params.get("bias"),
                   state["running_mean"], state["running_var"], eps)
@@ -98,7 +98,7 @@ def fold_into(
     PyTorch: ``torch.nn.utils.fusion.fuse_linear_bn_weights`` (layout ``"oi"``) and
     ``fuse_conv_bn_weights`` (``"oihw"``).
     """
-    scale, shift = fold(params, state, eps=eps)
+    scale, offset = fold(params, state, eps=eps)
     kernel = jnp.asarray(kernel)
     if not isinstance(layout, str) or len(layout) != kernel.ndim or layout.count("o") != 1:
         raise ValueError(f"layout must name the {kernel.ndim} axes of the kernel (shape "
@@ -116,6 +116,6 @@ def fold_into(
     per_output[out_axis] = channels
     new_kernel = (kernel * scale.reshape(per_output)).astype(kernel.dtype)
     if bias is None:
-        return new_kernel, shift.astype(kernel.dtype)
+        return new_kernel, offset.astype(kernel.dtype)
     bias = jnp.asarray(bias)
-    return new_kernel, (bias * scale + shift).astype(bias.dtype)
+    return new_kernel, (bias * scale + offset).astype(bias.dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbn._batchnorm import Params, State
-from jbn._call import PARAM_KEYS, STATE_KEYS, check_layer
+from jbn._parse import PARAM_KEYS, STATE_KEYS, check_layer
 
 
 def from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> tuple[Params, State]:
