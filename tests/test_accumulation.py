@@ -286,3 +286,27 @@ def test_the_equinox_layer_accumulates_per_example_under_vmap():
     np.testing.assert_allclose(learnt["running_var"], torch_layer.running_var, **CLOSE)
     assert int(learnt["num_batches_tracked"]) == 1
     assert int(learnt["accumulator"]["micro_batches"]) == 0
+
+
+def test_the_linen_layer_accumulates_in_batch_stats_and_commits_once_per_step():
+    import jbn.linen
+
+    micro = [jnp.asarray(x) for x in MICRO if len(x)]
+    layer = jbn.linen.BatchNorm(axis=1, param_dtype=jnp.float64,
+                                accumulation_steps=len(micro))
+    variables = layer.init(jax.random.key(0), micro[0], use_running_average=True)
+    call = jax.jit(lambda variables, x: layer.apply(variables, x, use_running_average=False,
+                                                    mutable=["batch_stats"])[1])
+    fresh = variables["batch_stats"]
+    for i, x in enumerate(micro):
+        variables = {**variables, **call(variables, x)}
+        learnt = variables["batch_stats"]
+        if i < len(micro) - 1:
+            assert_trees_close({k: v for k, v in learnt.items() if k != "accumulator"},
+                               {k: v for k, v in fresh.items() if k != "accumulator"}, rtol=0)
+    torch_layer = torch.nn.BatchNorm1d(C).double()
+    torch_layer(torch.from_numpy(np.concatenate(micro)))
+    np.testing.assert_allclose(learnt["running_mean"], torch_layer.running_mean, **CLOSE)
+    np.testing.assert_allclose(learnt["running_var"], torch_layer.running_var, **CLOSE)
+    assert int(learnt["num_batches_tracked"]) == 1
+    assert int(learnt["accumulator"]["micro_batches"]) == 0

@@ -161,7 +161,7 @@ def test_the_api_reference_documents_every_public_name():
     documented = [line.split(":::", 1)[1].strip() for page in API_PAGES
                   for line in page.read_text().splitlines() if line.startswith(":::")]
     public = [f"jbn.{name}" for name in jbn.__all__]
-    for module in ("nnx", "equinox"):  # their __all__, read without importing the framework
+    for module in ("linen", "nnx", "equinox"):  # their __all__, without importing a framework
         source = (ROOT / "jbn" / f"{module}.py").read_text()
         names = re.search(r"^__all__ = \[(.*?)\]", source, re.MULTILINE | re.DOTALL).group(1)
         public += [f"jbn.{module}.{name}" for name in re.findall(r'"(\w+)"', names)]

@@ -206,3 +206,24 @@ def test_the_equinox_layer_groups_the_examples_of_its_vmap():
     np.testing.assert_allclose(y, expected_y, **CLOSE)
     assert_trees_close(jbn.equinox.get_layers(layer, state)[1][""],
                        {k: np.asarray(v) for k, v in expected_state.items()}, **CLOSE)
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+def test_the_linen_layer_groups_devices_under_shard_map(mask):
+    import jbn.linen
+
+    layer = jbn.linen.BatchNorm(axis=1, use_running_average=False, axis_name="data",
+                                group_size=2, param_dtype=jnp.float64)
+    variables = jbn.linen.set_layers(layer.init(jax.random.key(0), X), {"": PARAMS},
+                                     {"": STATE})
+    m = jnp.ones(X.shape[0], bool) if mask is None else mask
+    mesh = jax.make_mesh((DEVICES,), ("data",))
+    f = jax.jit(jax.shard_map(
+        lambda x, m: layer.apply(variables, x, mask=m, mutable=["batch_stats"]), mesh=mesh,
+        in_specs=P("data"), out_specs=(P("data"), P())))
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P("data")))
+    y, updates = f(put(X), put(m))
+    expected_y, expected_state = expected(2, mask)
+    np.testing.assert_allclose(y, expected_y, **CLOSE)
+    assert_trees_close(jbn.linen.get_layers(updates)[1][""],
+                       {k: np.asarray(v) for k, v in expected_state.items()}, **CLOSE)

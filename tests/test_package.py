@@ -130,7 +130,8 @@ def test_every_package_jbn_imports_is_declared_a_dependency_or_an_extra():
         assert names(framework) == {framework}, framework
 
 
-@pytest.mark.parametrize("module, framework", [("jbn.nnx", "flax"), ("jbn.equinox", "equinox")])
+@pytest.mark.parametrize("module, framework", [("jbn.nnx", "flax"), ("jbn.linen", "flax"),
+                                               ("jbn.equinox", "equinox")])
 def test_a_layer_module_without_its_framework_names_the_extra_to_install(module, framework,
                                                                          monkeypatch):
     for name in [name for name in sys.modules if name.split(".")[0] == framework]:
