@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jbn._normalize import normalize, normalize_with
+from jbn._normalize import normalize, normalize_activated, normalize_with
 from jbn._parse import Call, empty_accumulator, number, parse, parse_micro_batches
 from jbn._reduction import compute_dtype
 from jbn._stats import Statistics, measure
@@ -100,6 +100,9 @@ def batchnorm(
     accumulation_steps: int | None = None,
     accumulation_pooling: str = "union",
     statistics: Mapping[str, Array] | None = None,
+    activation: Literal["identity", "relu", "leaky_relu", "elu"] | None = None,
+    activation_param: float | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, State]:
     """Batch normalization of each channel of ``x``, over all its other axes, as a pure
     function.
@@ -138,6 +141,9 @@ def batchnorm(
         ``"micro-batches"``); the state from ``init(C, accumulation_steps=k)``.
       statistics: None or ``{"mean", "var"}`` (biased, as ``batch_statistics`` returns):
         they normalize in place of the batch's own, constants to the derivative.
+      activation, activation_param, residual: ``y = act(BN(x) + residual)``; for
+        ``"identity"``, ``"leaky_relu"`` (slope, 0.01) and ``"elu"`` (alpha, 1.0) the
+        backward pass keeps ``y``, not ``x`` (*Variants*); ``residual`` as ``x``.
 
     Returns:
       ``(y, state)``: ``y`` of the shape and dtype of ``x``, and the new state.
@@ -160,7 +166,8 @@ def batchnorm(
                  mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
                  group_size=group_size, renorm=renorm, virtual_batch_size=virtual_batch_size,
                  accumulation_steps=accumulation_steps,
-                 accumulation_pooling=accumulation_pooling, statistics=statistics)
+                 accumulation_pooling=accumulation_pooling, statistics=statistics,
+                 activation=activation, activation_param=activation_param, residual=residual)
     y, new_state = _apply(call, state if call.updates_state else {})
     return y, new_state if call.updates_state else state
 
@@ -171,14 +178,28 @@ def batchnorm(
 def _apply(call: Call, state: State) -> tuple[Array, State]:
     """The formula: statistics, normalization, running state, as ``call`` describes."""
     if call.given is not None:  # running statistics in eval, or the caller's
-        return normalize_with(call.reduction, call.eps, call.x, *call.given, call.weight,
-                              call.bias), state
-    y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight, call.bias,
-                         call.renorm)
+        y = normalize_with(call.reduction, call.eps, call.x, *call.given, call.weight,
+                           call.bias)
+        return _activated(call, y), state
+    if call.activation is not None and call.activation.invertible:
+        y, found = normalize_activated(call.reduction, call.eps, call.activation, call.x,
+                                       call.valid, call.weight, call.bias, call.residual,
+                                       call.renorm)
+    else:
+        y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight,
+                             call.bias, call.renorm)
+        y = _activated(call, y)
     if call.updates_state:
         state = _learned(state, found.pooled(
             call.reduction, fine_mean=call.accumulation_steps is not None), call)
     return y, state
+
+
+def _activated(call: Call, y: Array) -> Array:
+    """``act(y + residual)``, the plain composition (eval, given statistics, ReLU)."""
+    if call.residual is not None:
+        y = y + call.residual
+    return y if call.activation is None else call.activation(y)
 
 
 def batch_statistics(

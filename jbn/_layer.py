@@ -1,7 +1,8 @@
-"""What the framework layers (``jbn.nnx``, ``jbn.equinox``) share, so that each keeps only
-its framework's idioms (its signature, its state container, its docstring): the guarded
-import of the framework, the options a layer keeps and forwards to ``batchnorm``, and for
-whole models, loading their layers and recording a forward pass to find what folds."""
+"""What the framework layers (``jbn.linen``, ``jbn.nnx``, ``jbn.equinox``) share, so that
+each keeps only its framework's idioms (its signature, its state container, its docstring):
+the guarded import of the framework, the options a layer keeps and forwards to
+``batchnorm``, and for whole models, loading their layers and recording a forward pass to
+find what folds."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbn._batchnorm import Params, State, batchnorm
-from jbn._parse import check_eps, check_layer, check_mode, check_pooling, number
+from jbn._parse import (
+    check_activation,
+    check_eps,
+    check_layer,
+    check_mode,
+    check_pooling,
+    number,
+)
 
 # The options a layer keeps under ``batchnorm``'s names and passes to each call: every
 # keyword of ``batchnorm`` but ``eps`` (each framework names it its own way) and the
-# per-call ``mask`` and ``statistics``.
+# per-call ``mask``, ``statistics`` and ``residual``.
 OPTIONS = ("mode", "momentum", "axis", "axis_name", "axis_index_groups", "group_size",
-           "renorm", "virtual_batch_size", "accumulation_steps", "accumulation_pooling")
+           "renorm", "virtual_batch_size", "accumulation_steps", "accumulation_pooling",
+           "activation", "activation_param")
 # What a layer's call takes besides ``x`` and its framework's phase; ``momentum`` and
 # ``renorm`` override the layer's.
-PER_CALL = ("mask", "momentum", "renorm", "statistics")
+PER_CALL = ("mask", "momentum", "renorm", "statistics", "residual")
 
 
 class _LayerValue:
@@ -72,7 +81,8 @@ def other_names(names: Mapping[str, str], *, like: str) -> Callable:
 
 def options(*, mode: Any, momentum: Any, eps: Any, axis: Any, axis_name: Any,
             axis_index_groups: Any, group_size: Any, renorm: Any, virtual_batch_size: Any,
-            accumulation_steps: Any, accumulation_pooling: Any,
+            accumulation_steps: Any, accumulation_pooling: Any, activation: Any = None,
+            activation_param: Any = None,
             mode_hint: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A layer's ``OPTIONS``, checked when it is built as ``batchnorm`` checks them (all but
     what depends on the input), and hashable (lists as tuples) for ``jax.jit``;
@@ -85,11 +95,13 @@ def options(*, mode: Any, momentum: Any, eps: Any, axis: Any, axis_name: Any,
                         ("accumulation_steps", accumulation_steps)):
         number(name, value, integral=True, at_least=1, optional=True)
     check_pooling(accumulation_pooling)
+    check_activation(activation, activation_param)
     return {"mode": mode, "momentum": momentum, "axis": axis, "axis_name": hashable(axis_name),
             "axis_index_groups": hashable(axis_index_groups), "group_size": group_size,
             "renorm": renorm, "virtual_batch_size": virtual_batch_size,
             "accumulation_steps": accumulation_steps,
-            "accumulation_pooling": accumulation_pooling}
+            "accumulation_pooling": accumulation_pooling, "activation": activation,
+            "activation_param": activation_param}
 
 
 def check_scale_and_bias(use_scale: bool, use_bias: bool) -> None:
@@ -109,11 +121,14 @@ def forward(layer: Any, params: Params, state: State, x: Any, training: bool, *,
     return batchnorm(params, state, x, training, eps=eps, **keywords)
 
 
-def why_unfoldable(tracked: bool, mode: str, axis: int, ndim: int, *,
-                   channel_axis: int) -> str | None:
+def why_unfoldable(tracked: bool, mode: str, axis: int, activation: str | None, ndim: int,
+                   *, channel_axis: int) -> str | None:
     """Why a batch norm over ``axis``, given input of rank ``ndim``, does not fold into the
     layer before it, which puts its output channels at ``channel_axis`` (-1: last, 0: first);
     None: it folds. ``tracked``: whether it has running statistics."""
+    if activation is not None:
+        return (f"applies the activation {activation!r} after it (fold the pair with "
+                "jbn.fold_into and apply the activation to its output)")
     if not tracked or mode == "untracked":
         return ("normalizes with the batch's statistics in eval (no running statistics, or "
                 "mode 'untracked')")

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from jbn._activation import Activation
 from jbn._reduction import Reduction, compute_dtype
 from jbn._stats import Statistics, measure
 
@@ -95,12 +96,17 @@ def normalize(
     return y, stats
 
 
-def _forward(reduction, eps, x, valid, weight, bias, renorm):
+def _forward(reduction, eps, x, valid, weight, bias, renorm, floored=False):
+    """y, the statistics, 1/√(σ² + ε) and renormalization's (r, d); ``floored``: the
+    weight that scales x̂ (after renormalization) has magnitude at least ``WEIGHT_FLOOR``."""
     stats = measure(x, valid, reduction)
     inv_std = lax.rsqrt(stats.variance + eps)
     factors = _renorm_factors(stats, inv_std, eps, renorm)
     xhat = _standardized(reduction, x, stats, inv_std)
-    y = _affine(reduction, xhat, *_renormalized(factors, weight, bias)).astype(x.dtype)
+    weight, bias = _renormalized(factors, weight, bias)
+    if floored:
+        weight = _floored(weight)
+    y = _affine(reduction, xhat, weight, bias).astype(x.dtype)
     return y, stats, inv_std, factors
 
 
@@ -196,6 +202,99 @@ def _normalize_jvp(reduction, eps, primals, tangents):
     dy = tangent_map(x, stats, inv_std, weight, dx, dweight, dbias)
     # The statistics feed only the running state, which carries no derivative.
     return (y, stats), (dy, jax.tree.map(jnp.zeros_like, stats))
+
+
+# The smallest magnitude of the weight that scales x̂ in the fused form, where x̂ is
+# recovered from the output as (act⁻¹(y) − residual − b)/w (docs/numerics.md).
+WEIGHT_FLOOR = 1e-3
+
+
+def _floored(weight: Array | None) -> Array | None:
+    """``weight`` with magnitude at least ``WEIGHT_FLOOR``, its sign kept (0 as +)."""
+    if weight is None:
+        return None
+    return jnp.where(jnp.abs(weight) < WEIGHT_FLOOR,
+                     jnp.where(weight < 0, -WEIGHT_FLOOR, WEIGHT_FLOOR).astype(weight.dtype),
+                     weight)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def normalize_activated(
+    reduction: Reduction,
+    eps: float,
+    activation: Activation,
+    x: Array,
+    valid: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    residual: Array | None,
+    renorm: Renorm | None = None,
+) -> tuple[Array, Statistics]:
+    """``act(BN(x) + residual)`` for an invertible ``activation``, whose derivative keeps
+    the output ``y`` (and ``residual``), not ``x``.
+
+    .. math::
+
+        z = \\mathrm{act}^{-1}(y), \\qquad \\hat x = (z - \\mathrm{residual} - b)/w, \\qquad
+        \\dot y = \\mathrm{act}'(z)\\,\\big(w\\, r\\, (\\dot x - \\langle \\dot x\\rangle
+                  - \\hat x\\, \\langle \\hat x \\dot x\\rangle) + \\dot w\\, \\hat x + \\dot b
+                  + \\dot{\\mathrm{residual}}\\big),
+
+    the tangent map of ``normalize`` with x̂ recovered from ``y`` (Rota Bulò et al., In-Place
+    Activated BatchNorm, CVPR 2018), rematerialized from ``y``, ``residual`` and per-channel
+    vectors. ``w`` is the weight after renormalization, its magnitude floored at
+    ``WEIGHT_FLOOR`` in the forward pass as well (so the output is the one the derivative
+    inverts; ``ẇ`` passes the floor unchanged): x̂ cannot be recovered where ``w = 0``.
+    Arguments and returns as ``normalize``'s, with ``residual`` None or of ``x``'s shape
+    and dtype.
+    """
+    y, stats, _, _ = _forward(reduction, eps, x, valid, weight, bias, renorm, floored=True)
+    return _activated(activation, y, residual), stats
+
+
+def _activated(activation: Activation, y: Array, residual: Array | None) -> Array:
+    return activation(y if residual is None else y + residual)
+
+
+@normalize_activated.defjvp
+def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
+    x, valid, weight, bias, residual, renorm = primals
+    dx, _, dweight, dbias, dresidual, _ = tangents
+    y, stats, inv_std, factors = _forward(reduction, eps, x, valid, weight, bias, renorm,
+                                          floored=True)
+    out = _activated(activation, y, residual)
+    if weight is not None:
+        dweight, dbias = _renormalized(factors, dweight, dbias)
+    weight, bias = _renormalized(factors, weight, bias)
+    weight = _floored(weight)
+
+    @partial(jax.checkpoint, prevent_cse=False)
+    def tangent_map(out, residual, stats, inv_std, weight, bias, dx, dweight, dbias,
+                    dresidual):
+        stats, inv_std, weight, bias = lax.optimization_barrier((stats, inv_std, weight, bias))
+        dtype = stats.mean_head.dtype
+        z = activation.inverse(out.astype(dtype))
+        if residual is not None:
+            z = z - residual.astype(dtype)
+        if bias is not None:
+            z = z - reduction.per_channel(bias)
+        xhat = z if weight is None else z / reduction.per_channel(weight)
+        dx = dx.astype(dtype)
+        sums = reduction.psum(reduction.sum(dx, valid), reduction.sum(xhat * dx, valid))
+        mean_dx, mean_xhat_dx = (total / jnp.maximum(stats.count, 1) for total in sums)
+        scale = inv_std if weight is None else inv_std * weight
+        slope, intercept = -scale * mean_xhat_dx, -scale * mean_dx
+        if dweight is not None:
+            slope, intercept = slope + dweight, intercept + dbias
+        dz = (dx * reduction.per_channel(scale) + xhat * reduction.per_channel(slope)
+              + reduction.per_channel(intercept))
+        if dresidual is not None:
+            dz = dz + dresidual.astype(dtype)
+        return (activation.derivative(out.astype(dtype)) * dz).astype(x.dtype)
+
+    dout = tangent_map(out, residual, stats, inv_std, weight, bias, dx, dweight, dbias,
+                       dresidual)
+    return (out, stats), (dout, jax.tree.map(jnp.zeros_like, stats))
 
 
 def normalize_with(reduction: Reduction, eps: float, x: Array, mean: Array, var: Array,

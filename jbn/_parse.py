@@ -22,6 +22,7 @@ import numpy as np
 from jax import Array, lax
 from jax.typing import DTypeLike
 
+from jbn._activation import DEFAULT_PARAMS, Activation
 from jbn._normalize import Renorm
 from jbn._reduction import Reduction, axis_size
 
@@ -50,9 +51,10 @@ def empty_accumulator(channels: int, dtype: DTypeLike) -> dict[str, Array]:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["x", "weight", "bias", "given", "valid", "renorm"],
+                   data_fields=["x", "weight", "bias", "given", "valid", "renorm",
+                                "residual"],
                    meta_fields=["reduction", "updates_state", "eps", "momentum",
-                                "accumulation_steps", "within"])
+                                "accumulation_steps", "within", "activation"])
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One call of ``batchnorm``, parsed: a pytree of its arrays, its static options the
@@ -72,6 +74,8 @@ class Call:
     renorm: Renorm | None  # what batch renormalization corrects towards, or None
     accumulation_steps: int | None  # micro-batches per running update, or None: every call
     within: bool  # accumulated micro-batches pooled within (ghost-style), or as one union
+    activation: Activation | None  # applied to y + residual; None: neither
+    residual: Array | None  # added to y before the activation, x's shape and dtype
 
 
 class MicroBatches(NamedTuple):
@@ -87,7 +91,8 @@ class MicroBatches(NamedTuple):
 def parse(params: Any, state: Any, x: Any, training: Any, *, mode: Any, momentum: Any,
           eps: Any, axis: Any, mask: Any, axis_name: Any, axis_index_groups: Any,
           group_size: Any, renorm: Any, virtual_batch_size: Any, accumulation_steps: Any,
-          accumulation_pooling: Any, statistics: Any) -> Call:
+          accumulation_pooling: Any, statistics: Any, activation: Any, activation_param: Any,
+          residual: Any) -> Call:
     """``batchnorm``'s arguments as a ``Call``; raises ``TypeError``/``ValueError`` naming the
     argument, what was seen and what was expected."""
     _check_training(training)
@@ -121,7 +126,9 @@ def parse(params: Any, state: Any, x: Any, training: Any, *, mode: Any, momentum
         valid=_valid(mask, x.shape, channel_axis),
         renorm=None if limits is None or not own_statistics else Renorm(
             state["running_mean"], state["running_var"], *limits),
-        accumulation_steps=steps, within=within)
+        accumulation_steps=steps, within=within,
+        activation=check_activation(activation, activation_param, fused=residual is not None),
+        residual=_residual(residual, x))
 
 
 def parse_micro_batches(state: Any, xs: Any, *, momentum: Any, axis: Any, mask: Any,
@@ -173,6 +180,48 @@ def number(name: str, value: Any, *, integral: bool, at_least: float | None = No
     if not ((at_least is None or value >= at_least) and (at_most is None or value <= at_most)):
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return int(value) if integral else float(value)
+
+
+def check_activation(activation: Any, activation_param: Any, *,
+                     fused: bool = False) -> Activation | None:
+    """The activation fused after batch norm, one of ``DEFAULT_PARAMS``, with its parameter
+    (leaky ReLU's slope, ELU's alpha: > 0; None: the default); None for no activation, or
+    ``identity`` where a residual is ``fused`` without one."""
+    if activation is None:
+        if activation_param is not None:
+            raise ValueError(f"activation_param={activation_param!r} goes with activation "
+                             "'leaky_relu' or 'elu', and activation is None")
+        return Activation("identity", None) if fused else None
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, one of {list(DEFAULT_PARAMS)}, or None; "
+                        f"got {activation!r}")
+    if activation not in DEFAULT_PARAMS:
+        raise ValueError(f"activation must be one of {list(DEFAULT_PARAMS)} or None, got "
+                         f"{activation!r}")
+    if DEFAULT_PARAMS[activation] is None:
+        if activation_param is not None:
+            raise ValueError(f"activation {activation!r} takes no activation_param, got "
+                             f"{activation_param!r}")
+        return Activation(activation, None)
+    if activation_param is None:
+        return Activation(activation, DEFAULT_PARAMS[activation])
+    param = number("activation_param", activation_param, integral=False)
+    if not param > 0:  # a slope ≤ 0 or an alpha ≤ 0 is not invertible
+        raise ValueError(f"activation_param of {activation!r} must be > 0 (invertible), got "
+                         f"{param}")
+    return Activation(activation, param)
+
+
+def _residual(residual: Any, x: Array) -> Array | None:
+    """``residual``: None, or an array of exactly ``x``'s shape and dtype (no broadcasting)."""
+    if residual is None:
+        return None
+    if not hasattr(residual, "shape") or not hasattr(residual, "dtype"):
+        raise TypeError(f"residual must be an array, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must have x's shape and dtype, {x.shape} {x.dtype}; got "
+                         f"{residual.shape} {residual.dtype}")
+    return jnp.asarray(residual)
 
 
 def check_mode(mode: Any, *, hint: Mapping[str, str] | None = None) -> str:

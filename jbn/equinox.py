@@ -74,6 +74,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         once every k training calls, from the statistics of all k micro-batches (pooled as
         ``accumulation_pooling`` says); the state then also holds ``"accumulator"``. As
         ``jbn.batchnorm``'s.
+      activation, activation_param: as ``jbn.batchnorm``'s: ``act(y + residual)``, fused.
 
     Raises:
       TypeError, ValueError: as ``jbn.batchnorm`` for its options, when the layer is built;
@@ -102,6 +103,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     group_size: int | None = eqx.field(static=True)
     accumulation_steps: int | None = eqx.field(static=True)
     accumulation_pooling: str = eqx.field(static=True)
+    activation: str | None = eqx.field(static=True)
+    activation_param: float | None = eqx.field(static=True)
 
     @_layer.other_names({"epsilon": "eps"}, like="eqx.nn.BatchNorm")
     def __init__(
@@ -118,6 +121,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         use_bias: bool = True,
         track_running_stats: bool = True,
         mode: Literal["tracked", "untracked", "frozen"] = "tracked",
+        activation: Literal["identity", "relu", "leaky_relu", "elu"] | None = None,
+        activation_param: float | None = None,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
         renorm: tuple[ArrayLike, ArrayLike] | None = None,
         virtual_batch_size: int | None = None,
@@ -129,7 +134,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mode=mode, momentum=momentum, eps=eps, axis=axis, axis_name=axis_name,
             axis_index_groups=axis_index_groups, group_size=group_size, renorm=renorm,
             virtual_batch_size=virtual_batch_size, accumulation_steps=accumulation_steps,
-            accumulation_pooling=accumulation_pooling, mode_hint=dict.fromkeys(
+            accumulation_pooling=accumulation_pooling, activation=activation,
+            activation_param=activation_param, mode_hint=dict.fromkeys(
                 ("ema", "batch"), "eqx.nn.BatchNorm's mode chooses how it averages, where jbn "
                 "averages as PyTorch does; leave mode out"))
         if axis_name is None and axis == 0 and mode != "frozen":
@@ -163,6 +169,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         key: Any = None,
         inference: bool | None = None,
         mask: Array | None = None,
+        residual: Array | None = None,
         momentum: float | None = _layer.LAYER,
         renorm: tuple[ArrayLike, ArrayLike] | None = _layer.LAYER,
         statistics: Mapping[str, Array] | None = None,
@@ -179,8 +186,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             ``vmap``, each example's mask is a scalar or its non-channel shape).
           momentum, renorm: override the layer's for this call (a ``renorm`` schedule of
             traced values under ``eqx.filter_jit`` compiles once).
-          statistics: None, or ``{"mean", "var"}`` (``jbn.batch_statistics``'s) that
-            normalize in place of the batch's own, as ``jbn.batchnorm``'s.
+          statistics, residual: as ``jbn.batchnorm``'s: None, or ``{"mean", "var"}`` to
+            normalize with in place of the batch's own; None, or an array of ``x``'s shape
+            added to the normalized ``x`` before the layer's activation.
 
         Returns:
           ``(y, state)``.
@@ -191,7 +199,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         layer_state = self.layer_state(state)
         y, new = _layer.forward(self, self.layer_params(state), layer_state, x, not inference,
                                 eps=self.eps, mask=mask, momentum=momentum, renorm=renorm,
-                                statistics=statistics)
+                                statistics=statistics, residual=residual)
         # Only an update changes the state; setting it would also invalidate the caller's.
         if new is not layer_state:
             state = state.set(self.state_index, new)
@@ -327,7 +335,7 @@ def fold_model(
     eqx.filter_eval_shape(forward, recorded, state, x)  # tracing is all the recording needs
     pairs, left = recording.plan({
         path: functools.partial(_layer.why_unfoldable, bool(layer.layer_state(state)), layer.mode,
-                                layer.axis, channel_axis=0)
+                                layer.axis, layer.activation, channel_axis=0)
         for path, layer in _layers(reference).items()})
     batchnorms = _layers(reference)
     following = dict(pairs)  # layer path → the batch norm folded into it

@@ -57,6 +57,9 @@ class BatchNorm(nn.Module):
       track_running_stats: whether there are running statistics (PyTorch's argument).
       mode, renorm, virtual_batch_size, group_size, accumulation_steps, accumulation_pooling:
         as ``jbn.batchnorm``'s.
+      activation, activation_param: None, or ``"identity"``, ``"relu"``, ``"leaky_relu"``
+        (its negative slope, 0.01 by default) or ``"elu"`` (its alpha, 1.0): the layer
+        returns ``act(y + residual)``, fused as ``jbn.batchnorm``'s.
 
     Raises:
       TypeError, ValueError: as ``jbn.batchnorm`` for its options, when the layer is built;
@@ -87,6 +90,8 @@ class BatchNorm(nn.Module):
     group_size: int | None = None
     accumulation_steps: int | None = None
     accumulation_pooling: str = "union"
+    activation: str | None = None
+    activation_param: float | None = None
 
     def __post_init__(self) -> None:
         _layer.options(**{name: getattr(self, name) for name in _layer.OPTIONS},
@@ -98,7 +103,8 @@ class BatchNorm(nn.Module):
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None, momentum: float | None = _layer.LAYER,
                  renorm: tuple[ArrayLike, ArrayLike] | None = _layer.LAYER,
-                 statistics: Mapping[str, Array] | None = None) -> Array:
+                 statistics: Mapping[str, Array] | None = None,
+                 residual: Array | None = None) -> Array:
         """Normalizes ``x``; where the running statistics learn, updates ``batch_stats``.
 
         Args:
@@ -110,6 +116,8 @@ class BatchNorm(nn.Module):
             schedule compiles once).
           statistics: None, or ``{"mean", "var"}`` (``jbn.batch_statistics``'s) that
             normalize in place of the batch's own.
+          residual: None, or an array of ``x``'s shape added to the normalized ``x``
+            before the layer's activation, as ``jbn.batchnorm``'s.
 
         Returns:
           ``y``, of the shape of ``x`` and the layer's ``dtype`` (``x``'s by default).
@@ -118,6 +126,7 @@ class BatchNorm(nn.Module):
                                              use_running_average)
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
+            residual = None if residual is None else jnp.asarray(residual, self.dtype)
         channels = x.shape[_parse.channel_axis_of(x, self.axis, self.axis_name)]
         params, state = self._variables(channels)
         if self.is_initializing():
@@ -127,11 +136,13 @@ class BatchNorm(nn.Module):
             initial = state or {"running_mean": jnp.zeros(channels),
                                 "running_var": jnp.ones(channels)}
             y, _ = batchnorm(params, initial, x, False, eps=self.epsilon, axis=self.axis,
-                             axis_name=self.axis_name)
+                             axis_name=self.axis_name, activation=self.activation,
+                             activation_param=self.activation_param, residual=residual)
             return y
         y, new_state = _layer.forward(self, params, state, x, not use_running_average,
                                       eps=self.epsilon, mask=mask, momentum=momentum,
-                                      renorm=renorm, statistics=statistics)
+                                      renorm=renorm, statistics=statistics,
+                                      residual=residual)
         if new_state is not state:  # only an update: needs mutable=["batch_stats"]
             for name, value in new_state.items():
                 self.put_variable("batch_stats", name, value)

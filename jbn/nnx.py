@@ -68,6 +68,9 @@ class BatchNorm(nnx.Module):
         once every k training calls, from the statistics of all k micro-batches (pooled as
         ``accumulation_pooling`` says); the layer then also holds ``accumulator``
         (``nnx.BatchStat``). As ``jbn.batchnorm``'s.
+      activation, activation_param: None, or ``"identity"``, ``"relu"``, ``"leaky_relu"``
+        (its negative slope, 0.01 by default) or ``"elu"`` (its alpha, 1.0): the layer
+        returns ``act(y + residual)``, fused as ``jbn.batchnorm``'s.
       rngs: ignored (nothing is random here), so that ``nnx.BatchNorm``'s call site works.
 
     Raises:
@@ -104,6 +107,8 @@ class BatchNorm(nnx.Module):
         group_size: int | None = None,
         accumulation_steps: int | None = None,
         accumulation_pooling: Literal["union", "micro-batches"] = "union",
+        activation: Literal["identity", "relu", "leaky_relu", "elu"] | None = None,
+        activation_param: float | None = None,
         rngs: nnx.Rngs | None = None,
     ):
         del rngs
@@ -111,7 +116,8 @@ class BatchNorm(nnx.Module):
             mode=mode, momentum=momentum, eps=epsilon, axis=axis, axis_name=axis_name,
             axis_index_groups=axis_index_groups, group_size=group_size, renorm=renorm,
             virtual_batch_size=virtual_batch_size, accumulation_steps=accumulation_steps,
-            accumulation_pooling=accumulation_pooling)
+            accumulation_pooling=accumulation_pooling, activation=activation,
+            activation_param=activation_param)
         _layer.check_scale_and_bias(use_scale, use_bias)
         params, state = init(num_features, affine=use_scale, bias=use_bias,
                              track_running_stats=track_running_stats, dtype=param_dtype,
@@ -142,6 +148,7 @@ class BatchNorm(nnx.Module):
         momentum: float | None = _layer.LAYER,
         renorm: tuple[ArrayLike, ArrayLike] | None = _layer.LAYER,
         statistics: Mapping[str, Array] | None = None,
+        residual: Array | None = None,
     ) -> Array:
         """Normalizes ``x``; where the running statistics learn, updates them in place.
 
@@ -153,6 +160,8 @@ class BatchNorm(nnx.Module):
             traced values under ``nnx.jit`` compiles once).
           statistics: None, or ``{"mean", "var"}`` (``jbn.batch_statistics``'s) that
             normalize in place of the batch's own, as ``jbn.batchnorm``'s.
+          residual: None, or an array of ``x``'s shape added to the normalized ``x``
+            before the layer's activation, as ``jbn.batchnorm``'s.
 
         Returns:
           ``y``, of the shape of ``x`` and the layer's ``dtype`` (``x``'s by default).
@@ -161,10 +170,12 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
+            residual = None if residual is None else jnp.asarray(residual, self.dtype)
         state = self.state
         y, new_state = _layer.forward(self, self.params, state, x, not use_running_average,
                                       eps=self.epsilon, mask=mask, momentum=momentum,
-                                      renorm=renorm, statistics=statistics)
+                                      renorm=renorm, statistics=statistics,
+                                      residual=residual)
         if new_state is not state:  # only an update: writing would add outputs to a trace
             for name, value in new_state.items():
                 getattr(self, name).set_value(value)
@@ -276,7 +287,7 @@ def fold_model(
     nnx.eval_shape(forward, recorded, x)  # tracing is all the recording needs
     pairs, left = recording.plan({
         path: functools.partial(_layer.why_unfoldable, bool(layer.state), layer.mode, layer.axis,
-                                channel_axis=-1)
+                                layer.activation, channel_axis=-1)
         for path, layer in _layers(reference).items()})
     folded = nnx.clone(reference)
     modules = {_running_stats.dotted(keys): (keys, module) for keys, module in _foldable(folded)}
