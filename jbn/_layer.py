@@ -121,14 +121,11 @@ def forward(layer: Any, params: Params, state: State, x: Any, training: bool, *,
     return batchnorm(params, state, x, training, eps=eps, **keywords)
 
 
-def why_unfoldable(tracked: bool, mode: str, axis: int, activation: str | None, ndim: int,
-                   *, channel_axis: int) -> str | None:
+def why_unfoldable(tracked: bool, mode: str, axis: int, ndim: int, *,
+                   channel_axis: int) -> str | None:
     """Why a batch norm over ``axis``, given input of rank ``ndim``, does not fold into the
     layer before it, which puts its output channels at ``channel_axis`` (-1: last, 0: first);
     None: it folds. ``tracked``: whether it has running statistics."""
-    if activation is not None:
-        return (f"applies the activation {activation!r} after it (fold the pair with "
-                "jbn.fold_into and apply the activation to its output)")
     if not tracked or mode == "untracked":
         return ("normalizes with the batch's statistics in eval (no running statistics, or "
                 "mode 'untracked')")
@@ -136,6 +133,15 @@ def why_unfoldable(tracked: bool, mode: str, axis: int, activation: str | None, 
         return (f"normalizes axis {axis}, where the layer before it puts its output "
                 f"channels {'last' if channel_axis == -1 else 'first'}")
     return None
+
+
+def after_folding(layer: Any, x: Any, residual: Any) -> Any:
+    """What a batch norm folded into the layer before it leaves to do, on that layer's
+    output ``x``: ``layer``'s activation of ``x + residual``."""
+    activation = check_activation(layer.activation, layer.activation_param,
+                                  fused=residual is not None)
+    y = x if residual is None else x + residual
+    return y if activation is None else activation(y)
 
 
 def hashable(value: Any) -> Any:

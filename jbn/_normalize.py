@@ -51,6 +51,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
+from jax.custom_derivatives import SymbolicZero
 
 from jbn._activation import Activation
 from jbn._reduction import Reduction, compute_dtype
@@ -245,6 +246,9 @@ def normalize_activated(
     vectors. ``w`` is the weight after renormalization, its magnitude floored at
     ``WEIGHT_FLOOR`` in the forward pass as well (so the output is the one the derivative
     inverts; ``ẇ`` passes the floor unchanged): x̂ cannot be recovered where ``w = 0``.
+    Rounding: ``y`` carries about one unit in the last place of ``|b + residual|``, so the
+    error of the recovered x̂, and of the derivative, is about that divided by ``|w|``
+    (measured against the bias ÷ weight ratio in docs/numerics.md, "The fused form").
     Arguments and returns as ``normalize``'s, with ``residual`` None or of ``x``'s shape
     and dtype.
     """
@@ -256,10 +260,16 @@ def _activated(activation: Activation, y: Array, residual: Array | None) -> Arra
     return activation(y if residual is None else y + residual)
 
 
-@normalize_activated.defjvp
 def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
     x, valid, weight, bias, residual, renorm = primals
-    dx, _, dweight, dbias, dresidual, _ = tangents
+    # Zero tangents arrive symbolic: a residual that carries no derivative (an input, a
+    # constant) then enters neither the tangent map nor what reverse mode keeps.
+    dx, _, dweight, dbias, dresidual, _ = (
+        None if isinstance(tangent, SymbolicZero) else tangent for tangent in tangents)
+    dx = jnp.zeros_like(x) if dx is None else dx
+    if weight is not None:
+        dweight = jnp.zeros_like(weight) if dweight is None else dweight
+        dbias = jnp.zeros_like(bias) if dbias is None else dbias
     y, stats, inv_std, factors = _forward(reduction, eps, x, valid, weight, bias, renorm,
                                           floored=True)
     out = _activated(activation, y, residual)
@@ -295,6 +305,9 @@ def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
     dout = tangent_map(out, residual, stats, inv_std, weight, bias, dx, dweight, dbias,
                        dresidual)
     return (out, stats), (dout, jax.tree.map(jnp.zeros_like, stats))
+
+
+normalize_activated.defjvp(_normalize_activated_jvp, symbolic_zeros=True)
 
 
 def normalize_with(reduction: Reduction, eps: float, x: Array, mean: Array, var: Array,

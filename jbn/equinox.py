@@ -290,14 +290,19 @@ def set_layers(
 
 
 class Folded(eqx.nn.StatefulLayer):
-    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x`` and
-    the state unchanged, whatever else the call passes (``inference``, ``mask``...)."""
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x``, or
+    the batch norm's activation of ``x + residual`` where it had one, and the state
+    unchanged, whatever else the call passes (``inference``, ``mask``...)."""
+
+    activation: str | None = eqx.field(static=True, default=None)
+    activation_param: float | None = eqx.field(static=True, default=None)
 
     def __call__(self, x: Array, state: eqx.nn.State | None = None, *args: Any,
+                 residual: Array | None = None,
                  **kwargs: Any) -> tuple[Array, eqx.nn.State | None]:
-        """Returns ``(x, state)``."""
+        """Returns ``(activation(x + residual), state)``: ``(x, state)`` without either."""
         del args, kwargs
-        return x, state
+        return _layer.after_folding(self, x, residual), state
 
 
 def fold_model(
@@ -335,14 +340,15 @@ def fold_model(
     eqx.filter_eval_shape(forward, recorded, state, x)  # tracing is all the recording needs
     pairs, left = recording.plan({
         path: functools.partial(_layer.why_unfoldable, bool(layer.layer_state(state)), layer.mode,
-                                layer.axis, layer.activation, channel_axis=0)
+                                layer.axis, channel_axis=0)
         for path, layer in _layers(reference).items()})
     batchnorms = _layers(reference)
     following = dict(pairs)  # layer path → the batch norm folded into it
 
     def fold(path, node):
         if path in following.values():
-            return Folded()
+            batchnorm = batchnorms[path]
+            return Folded(batchnorm.activation, batchnorm.activation_param)
         if path not in following:
             return node
         batchnorm = batchnorms[following[path]]

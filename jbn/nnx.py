@@ -245,13 +245,18 @@ def set_layers(model: nnx.Module, params: dict[str, Params], state: dict[str, St
 
 
 class Folded(nnx.Module):
-    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x``
-    unchanged, whatever else the call passes (``use_running_average``, ``mask``...)."""
+    """Where ``fold_model`` folded a batch norm into the layer before it: returns ``x``, or
+    the batch norm's activation of ``x + residual`` where it had one, whatever else the call
+    passes (``use_running_average``, ``mask``...)."""
 
-    def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Array:
-        """Returns ``x``."""
+    def __init__(self, activation: str | None = None, activation_param: float | None = None):
+        self.activation, self.activation_param = activation, activation_param
+
+    def __call__(self, x: Array, *args: Any, residual: Array | None = None,
+                 **kwargs: Any) -> Array:
+        """Returns ``activation(x + residual)``: ``x`` without either."""
         del args, kwargs
-        return x
+        return _layer.after_folding(self, x, residual)
 
 
 def fold_model(
@@ -287,7 +292,7 @@ def fold_model(
     nnx.eval_shape(forward, recorded, x)  # tracing is all the recording needs
     pairs, left = recording.plan({
         path: functools.partial(_layer.why_unfoldable, bool(layer.state), layer.mode, layer.axis,
-                                layer.activation, channel_axis=-1)
+                                channel_axis=-1)
         for path, layer in _layers(reference).items()})
     folded = nnx.clone(reference)
     modules = {_running_stats.dotted(keys): (keys, module) for keys, module in _foldable(folded)}
@@ -304,7 +309,7 @@ def fold_model(
             layer.bias, layer.use_bias = nnx.Param(bias), True
         else:
             layer.bias[...] = bias
-        _replace(folded, keys, Folded())
+        _replace(folded, keys, Folded(batchnorm.activation, batchnorm.activation_param))
     difference = _layer.max_difference(forward(reference, x), forward(folded, x))
     return folded, _layer.FoldReport(pairs, left, difference)
 
