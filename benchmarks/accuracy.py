@@ -16,7 +16,12 @@ split over all devices (8 virtual CPU devices unless ``XLA_FLAGS`` says otherwis
   from (all but the median, and all of them), batches sorted by value, heavy tails, the
   first position of every sequence far off, a constant channel, and a mask that leaves the
   devices' shards uneven and one empty. Each cell is the error and, in brackets, its ratio
-  to what jbn promises: 1e-5 where |y| ≤ 10, 1e-6·|y| beyond.
+  to what jbn promises: 1e-5 where |y| ≤ 10, 1e-6·|y| beyond;
+* **fused**, the fused form ``act(BN(x) + residual)`` on float32 data of shape (4096, 8)
+  whose mean is 10³ × its spread, a residual and a cotangent of unit spread, weights of
+  magnitude in [0.5, 2] and biases (bias ÷ weight) times theirs: the largest error of the
+  gradients (x, weight, bias, residual) against the float64 ones of the unfused composition,
+  relative to the largest of each; beside it, the unfused float32 composition's.
 """
 
 from __future__ import annotations
@@ -198,6 +203,48 @@ def edge_table() -> list[str]:
     return harness.table(header, list(cells.values()))
 
 
+BIAS_RATIOS = (1, 10, 100, 1e3, 1e4)
+FUSED = {"leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu}
+
+
+def fused_gradients(params, x, residual, cotangent, activation: str, fused: bool):
+    """Gradients of Σ act(BN(x) + residual)·cotangent for params, x and residual."""
+    def loss(params, x, residual):
+        if fused:
+            y = jbn.batchnorm(params, {}, x, True, activation=activation, residual=residual)[0]
+        else:
+            y = FUSED[activation](jbn.batchnorm(params, {}, x, True)[0] + residual)
+        return jnp.sum(y * cotangent)
+    return jax.grad(loss, argnums=(0, 1, 2))(params, x, residual)
+
+
+def fused_table() -> list[str]:
+    rng = np.random.default_rng(2)
+    x = data(1e3)
+    residual, cotangent = (rng.normal(size=x.shape).astype(np.float32) for _ in range(2))
+    weight = rng.uniform(0.5, 2.0, x.shape[1]) * rng.choice([-1, 1], x.shape[1])
+    sign = rng.choice([-1, 1], x.shape[1])
+    columns = [(activation, fused) for activation in FUSED for fused in (True, False)]
+    header = ["bias ÷ weight", *(f"{'jbn fused' if fused else 'unfused'}, {activation}"
+                           for activation, fused in columns)]
+    rows = []
+    with jax.enable_x64(True):
+        for ratio in BIAS_RATIOS:
+            params = {"weight": weight, "bias": ratio * np.abs(weight) * sign}
+            row = [f"{ratio:.0e}"]
+            for activation, fused in columns:
+                arrays = [params, x, residual, cotangent]
+                exact = fused_gradients(*jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
+                                                      arrays), activation, False)
+                found = fused_gradients(*jax.tree.map(lambda v: jnp.asarray(v, jnp.float32),
+                                                      arrays), activation, fused)
+                errors = [float(jnp.max(jnp.abs(f - e)) / jnp.max(jnp.abs(e))) for f, e in
+                          zip(jax.tree.leaves(found), jax.tree.leaves(exact), strict=True)]
+                row.append(f"{max(errors):.1e}")
+            rows.append(row)
+    return harness.table(header, rows)
+
+
 def markdown(command: str = "python -m benchmarks.accuracy") -> str:
     """The three tables, each between snippet markers (``--8<-- [start:training]`` …) so that
     a page can include one alone, under the machine they were computed on."""
@@ -205,7 +252,8 @@ def markdown(command: str = "python -m benchmarks.accuracy") -> str:
     for name, title, rows in (
             ("training", "Training (batch statistics)", error_table(training_outputs, True)),
             ("eval", "Eval (running statistics)", error_table(eval_outputs, False)),
-            ("edges", "Edges (training; error, and its ratio to the promise)", edge_table())):
+            ("edges", "Edges (training; error, and its ratio to the promise)", edge_table()),
+            ("fused", "Fused (gradients' error relative to their largest)", fused_table())):
         lines += ["", f"## {title}", "", f"<!-- --8<-- [start:{name}] -->", *rows,
                   f"<!-- --8<-- [end:{name}] -->"]
     return "\n".join(lines) + "\n"

@@ -56,6 +56,8 @@ CLASSES = 1000
 MOMENTUM, EPS, LEARNING_RATE = 0.1, 1e-5, 0.1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONTROL = "none"
+ACTIVATIONS = {"relu": jax.nn.relu, "leaky_relu": jax.nn.leaky_relu,  # leaky: slope 0.01
+               "identity": lambda z: z}
 # (measure, unit, how a figure is read off a part's results, whether the target compares it)
 MEASURES = {
     "cpu": [("CPU step", "ms", lambda r: r["cpu step"] * 1e3),
@@ -80,16 +82,28 @@ TARGETS = (("H100 memory traffic", 1.0), ("TPU v5e bytes accessed", 1.0),
 @dataclasses.dataclass(frozen=True)
 class Norm:
     """A batch norm as the network uses it: ``init(C) -> (params, state)`` and the training
-    call ``apply(params, state, x) -> (y, state)``, channels last."""
+    call ``apply(params, state, x) -> (y, state)``, channels last; where it fuses the
+    residual add and the activation after it, ``fused(params, state, x, activation=,
+    residual=) -> (y, state)``."""
 
     init: Callable[[int], tuple[Any, Any]]
     apply: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+    fused: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 def jbn_norm() -> Norm:
     """`jbn.batchnorm(params, state, x, True, axis=-1)`."""
     return Norm(jbn.init, partial(jbn.batchnorm, training=True, axis=-1, momentum=MOMENTUM,
                                   eps=EPS))
+
+
+def jbn_fused_norm() -> Norm:
+    """`jbn.batchnorm(..., activation=..., residual=...)`: each batch norm fused with the
+    activation after it, the projection shortcut's as `"identity"`, the block's last with the
+    shortcut as `residual` (with ReLU, which is not invertible, the plain composition)."""
+    return Norm(jbn.init, jbn_norm().apply,
+                fused=partial(jbn.batchnorm, training=True, axis=-1, momentum=MOMENTUM,
+                              eps=EPS))
 
 
 def flax_norm(use_fast_variance: bool = True, *, axis: int = -1, axis_name=None) -> Norm:
@@ -129,7 +143,8 @@ def no_norm() -> Norm:
 
 
 # Name shown in the tables -> (module it needs, builder). jbn first, the control last.
-VARIANTS = {"jbn": ("jbn", jbn_norm), "flax": ("flax", flax_norm),
+VARIANTS = {"jbn": ("jbn", jbn_norm), "jbn fused": ("jbn", jbn_fused_norm),
+            "flax": ("flax", flax_norm),
             "flax two-pass": ("flax", partial(flax_norm, use_fast_variance=False)),
             "haiku": ("haiku", haiku_norm), CONTROL: ("jbn", no_norm)}
 
@@ -168,39 +183,47 @@ def init(norm: Norm, blocks: Sequence[int], key: jax.Array) -> tuple[dict, dict]
     return params, states
 
 
-def forward(norm: Norm, blocks: Sequence[int], dtype, params: dict, states: dict,
-            images: jax.Array) -> tuple[jax.Array, dict]:
+def forward(norm: Norm, blocks: Sequence[int], dtype, activation: str, params: dict,
+            states: dict, images: jax.Array) -> tuple[jax.Array, dict]:
     """Logits (float32) and the new running states."""
     new_states = {}
 
-    def conv_norm(name, x, relu=True):
+    def conv_norm(name, x, activation=None, residual=None):
+        """activation(norm(conv(x)) + residual), the norm fused with the rest where it can."""
         _, size, _, _, stride = specs[name]
         x = lax.conv_general_dilated(x, params[name]["weight"].astype(dtype), (stride, stride),
                                      "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if norm.fused is not None:
+            y, new_states[name] = norm.fused(params[name]["norm"], states[name], x,
+                                             activation=activation or "identity",
+                                             residual=residual)
+            return y
         y, new_states[name] = norm.apply(params[name]["norm"], states[name], x)
         y = y.astype(dtype)
-        return jax.nn.relu(y) if relu else y
+        if residual is not None:
+            y = y + residual
+        return y if activation is None else ACTIVATIONS[activation](y)
 
     specs = {spec[0]: spec for spec in layers(blocks)}
-    x = conv_norm("stem", images.astype(dtype))
+    x = conv_norm("stem", images.astype(dtype), activation)
     x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
     for stage, count in enumerate(blocks):
         for index in range(count):
             name = f"{stage}.{index}"
-            h = conv_norm(f"{name}.conv1", x)
-            h = conv_norm(f"{name}.conv2", h)
-            h = conv_norm(f"{name}.conv3", h, relu=False)
-            shortcut = conv_norm(f"{name}.shortcut", x, relu=False) if index == 0 else x
-            x = jax.nn.relu(h + shortcut)
+            h = conv_norm(f"{name}.conv1", x, activation)
+            h = conv_norm(f"{name}.conv2", h, activation)
+            shortcut = conv_norm(f"{name}.shortcut", x) if index == 0 else x
+            x = conv_norm(f"{name}.conv3", h, activation, residual=shortcut)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logits = features @ params["classifier"]["weight"] + params["classifier"]["bias"]
     return logits, new_states
 
 
-def train_step(norm: Norm, blocks: Sequence[int], dtype, params, states, images, labels):
+def train_step(norm: Norm, blocks: Sequence[int], dtype, activation: str, params, states,
+               images, labels):
     """One SGD step: the new parameters and running states, and the loss."""
     def loss(params):
-        logits, new_states = forward(norm, blocks, dtype, params, states, images)
+        logits, new_states = forward(norm, blocks, dtype, activation, params, states, images)
         log_p = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1)), new_states
 
@@ -210,11 +233,11 @@ def train_step(norm: Norm, blocks: Sequence[int], dtype, params, states, images,
 
 
 def step_and_arguments(variant: str, dtype_name: str, blocks, batch: int, size: int,
-                       sharding=None, concrete: bool = False):
+                       sharding=None, concrete: bool = False, activation: str = "relu"):
     """The jitted-to-be step of ``variant`` and its arguments: abstract (placed by
     ``sharding``), or concrete random ones to run."""
     norm = VARIANTS[variant][1]()
-    step = partial(train_step, norm, tuple(blocks), DTYPES[dtype_name])
+    step = partial(train_step, norm, tuple(blocks), DTYPES[dtype_name], activation)
     key = jax.random.key(0)
     images = (batch, size, size, 3)
     if concrete:
@@ -229,14 +252,15 @@ def step_and_arguments(variant: str, dtype_name: str, blocks, batch: int, size: 
                   jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding))
 
 
-def _abstract_step(key: tuple[str, str], *, blocks, batch: int, size: int, sharding):
-    return step_and_arguments(*key, blocks, batch, size, sharding)
+def _abstract_step(key: tuple[str, str], *, blocks, batch: int, size: int, sharding,
+                   activation: str):
+    return step_and_arguments(*key, blocks, batch, size, sharding, activation=activation)
 
 
 def measure(variants: Sequence[str], dtypes: Sequence[str], parts: Sequence[str], *,
             blocks=BLOCKS, batch: int = 32, size: int = 128, cpu_batch: int = 8,
             cpu_size: int = 64, budget: float = 60.0, compile_reps: int = 1,
-            log: Callable[[str], None] = lambda s: None) -> dict:
+            activation: str = "relu", log: Callable[[str], None] = lambda s: None) -> dict:
     """results[(variant, dtype)][part]: a ``plans.Plan`` for "cpu" (compiled at the CPU's
     size), "gpu" and "tpu" (at ``batch`` × ``size``²), and "cpu step", seconds per step
     (the median, timed round-robin with ``budget`` seconds for each dtype). The CPU and the
@@ -260,12 +284,14 @@ def measure(variants: Sequence[str], dtypes: Sequence[str], parts: Sequence[str]
             continue
         replicated = NamedSharding(jax.sharding.Mesh(plans.devices(part), ("d",)), P())
         compile_all(part, list(results), partial(_abstract_step, blocks=blocks, batch=batch,
-                                                 size=size, sharding=replicated),
+                                                 size=size, sharding=replicated,
+                                                 activation=activation),
                     compile_reps if part == "gpu" else 1)
     if "cpu" in parts:
         for dtype in dtypes:
             concrete = {(variant, dtype): step_and_arguments(variant, dtype, blocks, cpu_batch,
-                                                             cpu_size, concrete=True)
+                                                             cpu_size, concrete=True,
+                                                             activation=activation)
                         for variant in variants}
             compile_all("cpu", list(concrete), concrete.__getitem__, compile_reps)
             jobs = {variant: partial(lambda c, a: jax.block_until_ready(c(*a)),

@@ -83,13 +83,15 @@ class Plan:
 
     ``traffic``: bytes the top-level operations of the optimized program read and write (a
     gather counts what it returns); on a TPU, the compiler's own cost model ("bytes
-    accessed"). ``temporaries``: peak bytes of temporary buffers (XLA's memory analysis).
+    accessed"). ``temporaries``: peak bytes of temporary buffers (XLA's memory analysis);
+    ``footprint``: those and the arguments and outputs, what the device must hold.
     ``top_level``: operations of the optimized program's entry that do work (those in
     ``FREE`` do not)."""
 
     compile_seconds: float = 0.0
     traffic: float = 0.0
     temporaries: int = 0
+    footprint: int = 0
     top_level: int = 0
     conditionals: int = 0
     command_buffers: int = 0
@@ -118,6 +120,9 @@ def compile_plan(function: Callable, args, platform: str) -> Plan:
                      top_level=top_level_operations(hlo), executable=compiled)
         memory = compiled.memory_analysis()
         found.temporaries = int(getattr(memory, "temp_size_in_bytes", 0) or 0)
+        found.footprint = found.temporaries + sum(
+            int(getattr(memory, name, 0) or 0) for name in ("argument_size_in_bytes",
+                                                             "output_size_in_bytes"))
         if platform == "tpu":
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost

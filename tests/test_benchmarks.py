@@ -74,7 +74,7 @@ def test_accuracy_tables_show_jbn_within_its_promise_but_in_the_documented_worst
     before = recorded.stat().st_mtime_ns if recorded.exists() else None
     accuracy.main()
     tables = markdown_tables(capsys.readouterr().out)
-    assert len(tables) == 3  # training, eval, edges
+    assert len(tables) == 4  # training, eval, edges, fused
     # What the docs include, benchmarks/ACCURACY.md, has the tables of this run (its columns
     # and rows, the figures of its own run), and a run without --write changed no file.
     assert [[row[0] for row in table] + table[0] for table in markdown_tables(
@@ -86,6 +86,11 @@ def test_accuracy_tables_show_jbn_within_its_promise_but_in_the_documented_worst
         jbn_columns = [i for i, name in enumerate(header)
                        if name.startswith("jbn") and name != "jbn folded"]
         assert all(float(row[i]) <= 1e-5 for row in rows for i in jbn_columns), rows
+    header, _, *rows = tables[3]  # fused: within 5e-5 where the bias is ≤ 100 × the weight
+    assert [float(row[0]) for row in rows] == list(accuracy.BIAS_RATIOS)
+    for row in rows:
+        if float(row[0]) <= 100:
+            assert all(float(cell) <= 5e-5 for cell in row[1:]), row
     header, _, *rows = tables[2]
     assert len(rows) == len(accuracy.edge_cases(np.random.default_rng(0)))
     for row in rows:
@@ -206,3 +211,21 @@ def test_the_costs_of_the_pieces_compile_on_the_installed_plans():
         assert int(figures["per-channel update and a step counter"][0]) == int(
             figures["per-channel update"][0]) + 1
     assert (costs.COSTS.stat().st_mtime_ns if costs.COSTS.exists() else None) == before
+
+
+def test_the_memory_benchmark_compares_fused_unfused_flax_and_none_and_writes_nothing():
+    from benchmarks import memory
+
+    before = memory.MEMORY.stat().st_mtime_ns if memory.MEMORY.exists() else None
+    output = run_command("benchmarks.memory", "--parts", "cpu", "--dtypes", "float32",
+                         "--blocks", "1", "1", "1", "1", "--cpu-batch", "2", "--cpu-size", "32",
+                         "--budget", "0")
+    targets, table = markdown_tables(output)
+    assert table[0][1:-1] == list(memory.VARIANTS)
+    figures = {row[0]: row[1:-1] for row in table[2:]}
+    for measure in ("CPU peak temporaries (MiB)", "CPU step (ms)"):
+        assert all(float(cell) > 0 for cell in figures[measure]), output
+    assert [row[0] for row in targets[2:]] == [
+        "CPU peak temporaries, float32: jbn fused ÷ flax (reported)",
+        "CPU step, float32: jbn fused ÷ jbn ≤ 1.1"]
+    assert (memory.MEMORY.stat().st_mtime_ns if memory.MEMORY.exists() else None) == before

@@ -146,7 +146,8 @@ def test_only_the_included_examples_are_not_run():
                              ("data_parallel.py", "test_examples.py"),
                              ("port_from_torch.py", "test_interop.py"),
                              ("resnet_from_torch.py", "test_examples.py"),
-                             ("accumulation.py", "test_examples.py")]]
+                             ("accumulation.py", "test_examples.py"),
+                             ("fused.py", "test_examples.py")]]
     for _, code, why in BLOCKS:
         if why:  # the block is the script itself, included when the site is built
             assert code == f'--8<-- "{why.split(",")[0]}"', code

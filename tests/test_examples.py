@@ -1,8 +1,9 @@
 """The examples run as a user runs them, each in its own process, and do their job:
 ``train.py`` reaches its accuracy and labels its columns, ``data_parallel.py`` trains as one
 device does (shard_map, pmap, across 2 jax.distributed processes, with groups of devices),
-``resnet_from_torch.py`` trains in lockstep with PyTorch, and ``accumulation.py`` gives the
-running statistics of the whole batch; with few epochs or steps for speed."""
+``resnet_from_torch.py`` trains in lockstep with PyTorch, ``accumulation.py`` gives the
+running statistics of the whole batch, and ``fused.py`` trains fused as unfused; with few
+epochs or steps for speed."""
 
 import re
 import time
@@ -99,3 +100,20 @@ def test_accumulation_gives_the_first_layer_the_statistics_of_the_whole_batch():
     assert "num_batches_tracked 1" in output and "num_batches_tracked 4" in output, output
     accuracies = re.findall(r"test accuracy in eval mode, .*: ([\d.]+)%", output)
     assert len(accuracies) == 2 and all(float(a) >= 80 for a in accuracies), output
+
+
+def test_fused_trains_as_unfused_and_reports_the_memory_of_each():
+    output = run_example("fused.py", "--epochs", "2")
+    rows = re.findall(r"^ *(\d+) +([\d.]+) +([\d.]+) +([\d.]+)% +([\d.]+)% +([\d.]+)$", output,
+                      re.MULTILINE)
+    assert len(rows) == 2, output
+    for _, fused_loss, unfused_loss, fused_accuracy, unfused_accuracy, _ in rows:
+        assert abs(float(fused_loss) - float(unfused_loss)) <= 1e-3 * float(unfused_loss)
+        assert fused_accuracy == unfused_accuracy, output
+    difference = re.search(r"between the loss curves: ([\d.e+-]+)", output)
+    assert difference is not None and float(difference.group(1)) <= 1e-3, output
+    kept = re.search(r"^kept for the backward pass: fused ([\d.]+) MiB, unfused ([\d.]+) MiB",
+                     output, re.MULTILINE)
+    assert kept is not None and float(kept.group(1)) < float(kept.group(2)), output
+    assert re.search(r"^peak temporary memory of the step on this machine: fused [\d.]+ MiB, "
+                     r"unfused [\d.]+ MiB", output, re.MULTILINE), output
