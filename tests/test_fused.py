@@ -74,7 +74,6 @@ OPTIONS = {
 }
 
 
-@pytest.mark.quick
 @pytest.mark.parametrize("with_residual", [False, True], ids=["alone", "residual"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
@@ -149,6 +148,7 @@ def test_per_example_vmap_with_a_named_batch_axis_equals_unfused(activation):
         unfused, PARAMS, STATE, X, RESIDUAL, activation=activation), 1e-10)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
 def test_forward_mode_and_second_derivatives_equal_the_unfused_ones(activation):
     def loss(call):
