@@ -9,12 +9,13 @@ identity       z                       y                           1
 leaky_relu     z ≥ 0: z; else a·z      y ≥ 0: y; else y/a          y ≥ 0: 1; else a
 elu            z > 0: z; else          y > 0: y; else              y > 0: 1; else y + a
                a·(exp(z) − 1)          log1p(y/a)
-relu           max(z, 0)               not invertible              y > 0: 1; else 0
+relu           max(z, 0)               not invertible              —
 =============  ======================  ==========================  ======================
 
 ``a`` is ``activation_param``: leaky ReLU's negative slope (> 0, PyTorch's default 0.01)
 or ELU's alpha (> 0, default 1.0). PyTorch: ``nn.Identity``, ``nn.LeakyReLU``, ``nn.ELU``,
-``nn.ReLU``; ``act'(0)`` is ``jax.nn``'s: 1 for leaky ReLU, ``a`` for ELU, 0 for ReLU.
+``nn.ReLU``; ``act'(0)`` is ``jax.nn``'s: 1 for leaky ReLU, ``a`` for ELU. ReLU, not
+invertible, is applied after plain batch norm, so it needs neither.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class Activation(NamedTuple):
         """``act'(z)`` from ``y``."""
         if self.name == "identity":
             return jnp.ones_like(y)
-        if self.name == "relu":
-            return (y > 0).astype(y.dtype)
         if self.name == "leaky_relu":
             return jnp.where(y >= 0, 1, self.param).astype(y.dtype)
         return jnp.where(y > 0, 1, y + self.param).astype(y.dtype)
+
+
+def activated(activation: Activation | None, y: Array, residual: Array | None) -> Array:
+    """``act(y + residual)``, the residual added and the activation applied where given."""
+    if residual is not None:
+        y = y + residual
+    return y if activation is None else activation(y)

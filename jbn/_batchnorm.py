@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jbn._activation import activated
 from jbn._normalize import normalize, normalize_activated, normalize_with
 from jbn._parse import Call, empty_accumulator, number, parse, parse_micro_batches
 from jbn._reduction import compute_dtype
@@ -180,7 +181,7 @@ def _apply(call: Call, state: State) -> tuple[Array, State]:
     if call.given is not None:  # running statistics in eval, or the caller's
         y = normalize_with(call.reduction, call.eps, call.x, *call.given, call.weight,
                            call.bias)
-        return _activated(call, y), state
+        return activated(call.activation, y, call.residual), state
     if call.activation is not None and call.activation.invertible:
         y, found = normalize_activated(call.reduction, call.eps, call.activation, call.x,
                                        call.valid, call.weight, call.bias, call.residual,
@@ -188,18 +189,11 @@ def _apply(call: Call, state: State) -> tuple[Array, State]:
     else:
         y, found = normalize(call.reduction, call.eps, call.x, call.valid, call.weight,
                              call.bias, call.renorm)
-        y = _activated(call, y)
+        y = activated(call.activation, y, call.residual)
     if call.updates_state:
         state = _learned(state, found.pooled(
             call.reduction, fine_mean=call.accumulation_steps is not None), call)
     return y, state
-
-
-def _activated(call: Call, y: Array) -> Array:
-    """``act(y + residual)``, the plain composition (eval, given statistics, ReLU)."""
-    if call.residual is not None:
-        y = y + call.residual
-    return y if call.activation is None else call.activation(y)
 
 
 def batch_statistics(

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbn._activation import activated
 from jbn._batchnorm import Params, State, batchnorm
 from jbn._parse import (
     check_activation,
@@ -81,9 +82,8 @@ def other_names(names: Mapping[str, str], *, like: str) -> Callable:
 
 def options(*, mode: Any, momentum: Any, eps: Any, axis: Any, axis_name: Any,
             axis_index_groups: Any, group_size: Any, renorm: Any, virtual_batch_size: Any,
-            accumulation_steps: Any, accumulation_pooling: Any, activation: Any = None,
-            activation_param: Any = None,
-            mode_hint: Mapping[str, str] | None = None) -> dict[str, Any]:
+            accumulation_steps: Any, accumulation_pooling: Any, activation: Any,
+            activation_param: Any, mode_hint: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A layer's ``OPTIONS``, checked when it is built as ``batchnorm`` checks them (all but
     what depends on the input), and hashable (lists as tuples) for ``jax.jit``;
     ``mode_hint``: what the framework's own modes mean, for the message."""
@@ -138,10 +138,7 @@ def why_unfoldable(tracked: bool, mode: str, axis: int, ndim: int, *,
 def after_folding(layer: Any, x: Any, residual: Any) -> Any:
     """What a batch norm folded into the layer before it leaves to do, on that layer's
     output ``x``: ``layer``'s activation of ``x + residual``."""
-    activation = check_activation(layer.activation, layer.activation_param,
-                                  fused=residual is not None)
-    y = x if residual is None else x + residual
-    return y if activation is None else activation(y)
+    return activated(check_activation(layer.activation, layer.activation_param), x, residual)
 
 
 def hashable(value: Any) -> Any:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.custom_derivatives import SymbolicZero
 
-from jbn._activation import Activation
+from jbn._activation import Activation, activated
 from jbn._reduction import Reduction, compute_dtype
 from jbn._stats import Statistics, measure
 
@@ -186,12 +186,8 @@ def _normalize_jvp(reduction, eps, primals, tangents):
         sums = reduction.psum(reduction.sum(dx, valid), reduction.sum(centered * dx, valid))
         mean_dx, mean_centered_dx = (total / jnp.maximum(stats.count, 1) for total in sums)
         mean_xhat_dx = (mean_centered_dx - stats.mean_tail * mean_dx) * inv_std
-        # ẏ = scale·ẋ + slope·x̂ + intercept, per-channel coefficients:
-        scale = inv_std if weight is None else inv_std * weight
-        slope = -scale * mean_xhat_dx
-        intercept = -scale * mean_dx
-        if dweight is not None:
-            slope, intercept = slope + dweight, intercept + dbias
+        scale, slope, intercept = _coefficients(inv_std, weight, mean_dx, mean_xhat_dx,
+                                                dweight, dbias)
         # x̂ expanded as (x − shift)·r − mean_tail·r, so that x enters once and reverse mode
         # needs only the sums of ct and (x − shift)·ct.
         centered = x.astype(dtype) - reduction.per_channel(shift_dy)
@@ -253,11 +249,7 @@ def normalize_activated(
     and dtype.
     """
     y, stats, _, _ = _forward(reduction, eps, x, valid, weight, bias, renorm, floored=True)
-    return _activated(activation, y, residual), stats
-
-
-def _activated(activation: Activation, y: Array, residual: Array | None) -> Array:
-    return activation(y if residual is None else y + residual)
+    return activated(activation, y, residual), stats
 
 
 def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
@@ -272,7 +264,7 @@ def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
         dbias = jnp.zeros_like(bias) if dbias is None else dbias
     y, stats, inv_std, factors = _forward(reduction, eps, x, valid, weight, bias, renorm,
                                           floored=True)
-    out = _activated(activation, y, residual)
+    out = activated(activation, y, residual)
     if weight is not None:
         dweight, dbias = _renormalized(factors, dweight, dbias)
     weight, bias = _renormalized(factors, weight, bias)
@@ -292,10 +284,8 @@ def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
         dx = dx.astype(dtype)
         sums = reduction.psum(reduction.sum(dx, valid), reduction.sum(xhat * dx, valid))
         mean_dx, mean_xhat_dx = (total / jnp.maximum(stats.count, 1) for total in sums)
-        scale = inv_std if weight is None else inv_std * weight
-        slope, intercept = -scale * mean_xhat_dx, -scale * mean_dx
-        if dweight is not None:
-            slope, intercept = slope + dweight, intercept + dbias
+        scale, slope, intercept = _coefficients(inv_std, weight, mean_dx, mean_xhat_dx,
+                                                dweight, dbias)
         dz = (dx * reduction.per_channel(scale) + xhat * reduction.per_channel(slope)
               + reduction.per_channel(intercept))
         if dresidual is not None:
@@ -308,6 +298,18 @@ def _normalize_activated_jvp(reduction, eps, activation, primals, tangents):
 
 
 normalize_activated.defjvp(_normalize_activated_jvp, symbolic_zeros=True)
+
+
+def _coefficients(inv_std: Array, weight: Array | None, mean_dx: Array, mean_xhat_dx: Array,
+                  dweight: Array | None, dbias: Array | None) -> tuple[Array, Array, Array]:
+    """The per-channel coefficients of the tangent map ẏ = scale·ẋ + slope·x̂ + intercept:
+    scale = w·r, slope = −scale·⟨x̂ẋ⟩ + ẇ, intercept = −scale·⟨ẋ⟩ + ḃ."""
+    scale = inv_std if weight is None else inv_std * weight
+    slope = -scale * mean_xhat_dx
+    intercept = -scale * mean_dx
+    if dweight is not None:
+        slope, intercept = slope + dweight, intercept + dbias
+    return scale, slope, intercept
 
 
 def normalize_with(reduction: Reduction, eps: float, x: Array, mean: Array, var: Array,
